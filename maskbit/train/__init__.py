@@ -1,0 +1,1 @@
+"""Training of both MaskBit stages (tokenizer and generator) with the published recipe."""
