@@ -16,7 +16,7 @@ from .checkpoints import (GENERATOR_RENAMES, CheckpointError, config_from_metada
                           rename_keys, save_checkpoint)
 from .config import ConfigError, GeneratorConfig, ModelConfig, SamplingConfig, TokenizerConfig, from_official_yaml
 from .generator import Generator
-from .presets import PRESETS, get_preset, resolve_config
+from .presets import PRESETS, get_preset, resolve_config, with_sampling
 from .sampling import generate
 from .step import GenerationStep
 from .tokenizer import Tokenizer
@@ -25,7 +25,7 @@ __all__ = [
     "CheckpointError", "ConfigError", "GenerationOutput", "GenerationStep", "Generator", "GeneratorConfig",
     "ModelConfig", "PRESETS", "SamplingConfig", "Tokenizer", "TokenizerConfig", "build_generator", "build_tokenizer",
     "from_official_yaml", "generate", "get_preset", "load_generator", "load_tokenizer", "resolve_config",
-    "save_generator", "save_tokenizer",
+    "save_generator", "save_tokenizer", "with_sampling",
 ]
 
 Checkpoint = str | os.PathLike

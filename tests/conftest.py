@@ -1,0 +1,34 @@
+"""Shared test fixtures: paths to the official-format fixtures, tiny models built through the preset registry."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+SHARED = Path(os.environ.get("MASKBIT_SHARED", ROOT.parent / "shared"))
+OFFICIAL = SHARED / "fixtures" / "official"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow to run")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def official() -> Path:
+    """The shared official-format fixtures; CI must have them, elsewhere their tests skip."""
+    if not (OFFICIAL / "tokenizer_lfq10.bin").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"official fixtures missing at {OFFICIAL} (set MASKBIT_SHARED)")
+        pytest.skip(f"official fixtures not found at {OFFICIAL}")
+    return OFFICIAL

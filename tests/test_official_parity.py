@@ -1,0 +1,42 @@
+"""The PyTorch models reproduce outputs that the official implementation computed (shared fixtures)."""
+
+import numpy as np
+import torch
+
+import maskbit
+
+
+def test_tokenizer_matches_official_outputs(official):
+    io = np.load(official / "tokenizer_lfq10_io.npz")
+    tok = maskbit.load_tokenizer(official / "tokenizer_lfq10.bin", official / "tokenizer_lfq10.yaml")
+    images = torch.from_numpy(io["images"])
+    with torch.no_grad():
+        np.testing.assert_allclose(tok.encoder(images).numpy(), io["encoder_output"], atol=1e-5, rtol=0)
+        indices = tok.encode(images)
+        assert indices.dtype == torch.int64 and indices.shape == io["indices"].shape
+        np.testing.assert_array_equal(indices.numpy(), io["indices"])
+        decoded = tok.decode_tokens(torch.from_numpy(io["indices"]))
+        np.testing.assert_allclose(decoded.numpy(), io["decoded"], atol=1e-5, rtol=0)
+        flat = tok.decode_tokens(torch.from_numpy(io["indices"]).flatten(1))     # (B, h*w) is accepted too
+        np.testing.assert_array_equal(flat.numpy(), decoded.numpy())
+
+
+def test_generator_matches_official_logits_and_leaves_inputs_untouched(official):
+    io = np.load(official / "generator_lfq10_io.npz")
+    gen = maskbit.load_generator(official / "generator_lfq10.bin", official / "generator_lfq10.yaml")
+    tokens, labels, drop = (torch.from_numpy(io[k]) for k in ("tokens", "labels", "drop_label_mask"))
+    before = [t.clone() for t in (tokens, labels, drop)]
+    assert drop.any(), "the fixture should drop at least one label"
+    with torch.no_grad():
+        logits = gen(tokens, labels, drop)
+    assert logits.shape == io["logits"].shape
+    np.testing.assert_allclose(logits.numpy(), io["logits"], atol=1e-4, rtol=0)
+    for t, b in zip((tokens, labels, drop), before):
+        assert torch.equal(t, b)
+
+
+def test_loaders_return_eval_mode_models(official):
+    tok = maskbit.load_tokenizer(official / "tokenizer_lfq10.bin", official / "tokenizer_lfq10.yaml")
+    gen = maskbit.load_generator(official / "generator_lfq10.bin", official / "generator_lfq10.yaml")
+    assert not tok.training and not gen.training
+    assert gen.sampling_config.num_steps == 16 and gen.sampling_config.randomize_temperature == 7.8
