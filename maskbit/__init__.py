@@ -12,8 +12,15 @@ from pathlib import Path
 
 from maskbit_runtime.loop import GenerationOutput
 
-from .checkpoints import (GENERATOR_RENAMES, CheckpointError, config_from_metadata, load_into, read_state_dict,
-                          rename_keys, save_checkpoint)
+from .checkpoints import (
+    GENERATOR_RENAMES,
+    CheckpointError,
+    config_from_metadata,
+    load_into,
+    read_state_dict,
+    rename_keys,
+    save_checkpoint,
+)
 from .config import ConfigError, GeneratorConfig, ModelConfig, SamplingConfig, TokenizerConfig, from_official_yaml
 from .generator import Generator
 from .presets import PRESETS, get_preset, resolve_config, with_sampling
@@ -22,10 +29,28 @@ from .step import GenerationStep
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "CheckpointError", "ConfigError", "GenerationOutput", "GenerationStep", "Generator", "GeneratorConfig",
-    "ModelConfig", "PRESETS", "SamplingConfig", "Tokenizer", "TokenizerConfig", "build_generator", "build_tokenizer",
-    "from_official_yaml", "generate", "get_preset", "load_generator", "load_tokenizer", "resolve_config",
-    "save_generator", "save_tokenizer", "with_sampling",
+    "PRESETS",
+    "CheckpointError",
+    "ConfigError",
+    "GenerationOutput",
+    "GenerationStep",
+    "Generator",
+    "GeneratorConfig",
+    "ModelConfig",
+    "SamplingConfig",
+    "Tokenizer",
+    "TokenizerConfig",
+    "build_generator",
+    "build_tokenizer",
+    "from_official_yaml",
+    "generate",
+    "get_preset",
+    "load_generator",
+    "load_tokenizer",
+    "resolve_config",
+    "save_generator",
+    "save_tokenizer",
+    "with_sampling",
 ]
 
 Checkpoint = str | os.PathLike

@@ -11,8 +11,8 @@ import json
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -78,7 +78,7 @@ def read_state_dict(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tens
         from safetensors import SafetensorError, safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__), dict(f.metadata() or {})
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
     try:
@@ -89,7 +89,8 @@ def read_state_dict(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tens
                               f"arbitrary code (weights_only): {first}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({first}); download it again") from None
+        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({first}); "
+                              f"download it again") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

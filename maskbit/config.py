@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from maskbit_runtime.schedules import GUIDANCE_ANNEALING, MASK_SCHEDULES
 

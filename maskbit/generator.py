@@ -100,7 +100,7 @@ class Generator(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official initialisation (MASKBIT_SPEC 4.3): trunc-normal(0.02) linears/embeddings; packed in_proj keeps xavier."""
+        """Official init (MASKBIT_SPEC 4.3): trunc-normal(0.02) linears and embeddings; packed in_proj keeps xavier."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
@@ -120,10 +120,11 @@ class Generator(nn.Module):
         signs = torch.where(masked, torch.zeros_like(signs), signs)
         return signs.flatten(2)                                                     # (B, N, K)
 
-    def forward(self, groups: torch.Tensor, labels: torch.Tensor, drop_label_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, drop_label_mask: torch.Tensor) -> torch.Tensor:
+        """tokens: groups [B,N,M] (value C = masked); labels [B]; drop_label_mask [B] -> logits [B,N,M,C]."""
         cfg = self.config
         labels = torch.where(drop_label_mask, torch.full_like(labels, cfg.num_classes), labels)
-        x = self.input_proj(self.groups_to_bits(groups))                            # (B, N, D)
+        x = self.input_proj(self.groups_to_bits(tokens))                            # (B, N, D)
         x = torch.cat([x, self.class_emb(labels)[:, None]], dim=1) + self.pos_emb   # (B, L, D)
         x = self.transformer(self.first_layer(x))
         if cfg.use_prenorm:

@@ -30,7 +30,8 @@ def clamp_log(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(torch.clamp(x, min=eps))
 
 
-def entropy_loss_fn(affinity: torch.Tensor, temperature: float, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def entropy_loss_fn(affinity: torch.Tensor, temperature: float,
+                    gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample entropy, gamma * entropy of the mean distribution) of softmax(affinity / T) over codes."""
     flat = affinity.reshape(-1, affinity.shape[-1]) / temperature        # (M, C)
     probs = F.softmax(flat, dim=-1)

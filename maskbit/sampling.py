@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
-
 from maskbit_runtime.loop import GenerationOutput, check_labels, run_loop
 from maskbit_runtime.noise import StepNoise
 from maskbit_runtime.schedules import StepParams, plan_steps
@@ -34,7 +33,7 @@ class EagerStepper:
         self.tokens = torch.full(shape, cfg.mask_token, dtype=torch.int64, device=self.device)
 
     def step(self, noise: np.ndarray, params: StepParams) -> None:
-        scalar = lambda value, dtype=torch.float32: torch.tensor(value, dtype=dtype, device=self.device)  # noqa: E731
+        scalar = lambda value, dtype=torch.float32: torch.tensor(value, dtype=dtype, device=self.device)
         self.tokens, self.sampled = self.module(
             self.tokens, self.labels, torch.from_numpy(noise).to(self.device), scalar(params.guidance_scale),
             scalar(params.softmax_temperature), scalar(params.confidence_noise_scale),

@@ -45,7 +45,8 @@ class ResidualBlock(nn.Module):
         self.conv1 = Conv2dSame(in_channels, out_channels, 3, bias=False)
         self.norm2 = group_norm(out_channels)
         self.conv2 = Conv2dSame(out_channels, out_channels, 3, bias=False)
-        self.nin_shortcut = Conv2dSame(out_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
+        changes_width = in_channels != out_channels
+        self.nin_shortcut = Conv2dSame(out_channels, out_channels, 1, bias=False) if changes_width else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))

@@ -1,1 +1,14 @@
-"""maskbit_runtime: generation from exported MaskBit bundles with numpy and ONNX Runtime (never torch or onnx)."""
+"""maskbit_runtime: generation from exported MaskBit bundles with numpy and ONNX Runtime (never torch or onnx).
+
+    from maskbit_runtime import Pipeline
+    pipe = Pipeline.load("bundle/")
+    out = pipe.generate(labels=[1, 7, 282], seed=0)     # out.images uint8 [B,H,W,3], out.tokens int64 [B,h,w]
+"""
+
+from __future__ import annotations
+
+from .loop import GenerationOutput
+from .manifest import BundleError, Manifest
+from .pipeline import Pipeline
+
+__all__ = ["BundleError", "GenerationOutput", "Manifest", "Pipeline"]

@@ -6,8 +6,9 @@ stepper keeps its token state wherever it likes (device buffers) and only its `r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 

@@ -96,7 +96,7 @@ def _reference_logits(gen, groups, labels, drop):
     labels = labels.clone()
     labels[drop] = cfg.num_classes
     x = torch.cat([x, F.embedding(labels, sd["class_emb.weight"])[:, None]], 1) + sd["pos_emb"]
-    ln = lambda t, p: F.layer_norm(t, (cfg.hidden_dim,), sd[p + ".weight"], sd[p + ".bias"], 1e-12)  # noqa: E731
+    ln = lambda t, p: F.layer_norm(t, (cfg.hidden_dim,), sd[p + ".weight"], sd[p + ".bias"], 1e-12)
     x = ln(x, "first_layer.0")
     for i in range(cfg.depth):
         p = f"transformer.layers.{i}."

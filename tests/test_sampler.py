@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from maskbit_runtime.noise import StepNoise
+from maskbit_runtime.schedules import guidance_scale_schedule, mask_ratio, num_to_mask_schedule, plan_steps
 
 import maskbit
 from maskbit.step import GenerationStep, categorical_draw, lowest_k_mask
-from maskbit_runtime.noise import StepNoise
-from maskbit_runtime.schedules import guidance_scale_schedule, mask_ratio, num_to_mask_schedule, plan_steps
 
 SPEC_14BIT_T64 = [506, 501, 496, 491, 486, 481, 476, 471, 466, 460, 455, 450, 445, 440, 434, 429, 424, 419, 413, 408,
                   403, 397, 392, 386, 381, 375, 370, 364, 358, 352, 347, 341, 335, 329, 323, 317, 311, 304, 298, 291,
@@ -59,7 +59,7 @@ def test_categorical_draw_is_exact():
 
 def test_lowest_k_mask_exact_count_and_ties_by_position():
     conf = torch.tensor([[3.0, 1.0, 1.0, float("inf"), 1.0, 0.5]])
-    for k in range(0, 6):
+    for k in range(6):
         mask = lowest_k_mask(conf, torch.tensor(k))
         assert mask.sum().item() == k
     assert lowest_k_mask(conf, torch.tensor(3))[0].tolist() == [False, True, True, False, False, True]

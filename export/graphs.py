@@ -1,0 +1,100 @@
+"""The torch modules that become the bundle's ONNX graphs, and sample inputs for their specs.
+
+Each wrapper's forward takes the inputs of its `maskbit_runtime.specs` component in order and returns its
+outputs in order, so the spec alone drives export, verification and the runtime's buffers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from maskbit_runtime.noise import StepNoise
+from maskbit_runtime.specs import ComponentSpec, Dims
+from torch import nn
+
+from maskbit.bits import combine_groups
+from maskbit.generator import Generator
+from maskbit.step import GenerationStep
+from maskbit.tokenizer import Tokenizer, images_to_uint8
+
+
+class EncoderGraph(nn.Module):
+    """images float32 [B,3,H,W] in [0,1] -> indices int64 [B,h,w]."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode(images)
+
+
+class DecoderGraph(nn.Module):
+    """indices int64 [B,h,w] -> images uint8 [B,H,W,3] (clamp, x255, round inside the graph)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return images_to_uint8(self.tokenizer.decode_tokens(indices))
+
+
+class CombineGraph(nn.Module):
+    """groups int64 [B,N,M] -> token indices int64 [B,h,w]."""
+
+    def __init__(self, num_bits: int, latent_size: int):
+        super().__init__()
+        self.num_bits = num_bits
+        self.latent_size = latent_size
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:
+        return combine_groups(groups, self.num_bits).view(-1, self.latent_size, self.latent_size)
+
+
+def dims_of(tokenizer: Tokenizer, generator: Generator | None) -> Dims:
+    t = tokenizer.config
+    if generator is None:
+        return Dims(image_size=t.resolution, latent_size=t.latent_size, num_tokens=t.latent_size ** 2,
+                    num_groups=1, group_classes=t.codebook_size)
+    g = generator.config
+    return Dims(image_size=t.resolution, latent_size=t.latent_size, num_tokens=g.num_tokens,
+                num_groups=g.codebook_splits, group_classes=g.group_classes)
+
+
+def graph_module(name: str, tokenizer: Tokenizer, generator: Generator | None) -> nn.Module:
+    if name == "encoder":
+        return EncoderGraph(tokenizer).eval()
+    if name == "decoder":
+        return DecoderGraph(tokenizer).eval()
+    if generator is None:
+        raise ValueError(f"component {name!r} needs a generator")
+    if name == "step":
+        return GenerationStep(generator).eval()
+    if name == "transformer":
+        return generator.eval()
+    if name == "combine":
+        return CombineGraph(generator.config.num_bits, tokenizer.config.latent_size).eval()
+    raise ValueError(f"unknown component {name!r}")
+
+
+def sample_inputs(spec: ComponentSpec, dims: Dims, batch: int, seed: int, codebook_size: int,
+                  num_classes: int = 1000) -> dict[str, np.ndarray]:
+    """Random valid inputs of a component (a mix of masked and decided groups for the generator)."""
+    rng = np.random.default_rng(seed)
+    shape = lambda name: dims.resolve(spec.input(name).shape, batch)
+    values = {
+        "images": lambda: rng.random(shape("images"), dtype=np.float32),
+        "indices": lambda: rng.integers(0, codebook_size, shape("indices"), dtype=np.int64),
+        "tokens": lambda: np.where(rng.random(shape("tokens")) < 0.5, dims.group_classes,
+                                   rng.integers(0, dims.group_classes, shape("tokens"))).astype(np.int64),
+        "groups": lambda: rng.integers(0, dims.group_classes, shape("groups"), dtype=np.int64),
+        "labels": lambda: rng.integers(0, num_classes, shape("labels"), dtype=np.int64),
+        "drop_label_mask": lambda: rng.random(shape("drop_label_mask")) < 0.5,
+        "noise": lambda: StepNoise(seed, batch, dims.num_tokens, dims.num_groups).draw(),
+        "guidance_scale": lambda: np.array(rng.uniform(0.5, 4.0), dtype=np.float32),
+        "softmax_temperature": lambda: np.array(rng.uniform(0.7, 1.3), dtype=np.float32),
+        "confidence_noise_scale": lambda: np.array(rng.uniform(0.0, 5.0), dtype=np.float32),
+        "num_to_mask": lambda: np.array(dims.num_tokens * dims.num_groups // 4, dtype=np.int64),
+    }
+    return {t.name: values[t.name]() for t in spec.inputs}

@@ -1,0 +1,161 @@
+"""`maskbit-run`: generate, encode, decode, reconstruct and inspect with a bundle. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .backends import BACKENDS
+
+DEMO_BUNDLE = Path(__file__).parent / "demo" / "bundle"
+
+
+def one_line_errors(fn):
+    """Library errors become one clear line on stderr and exit status 1, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (ValueError, RuntimeError, OSError, ImportError, TypeError) as exc:
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    return wrapper
+
+
+def _pipeline(bundle: Path | None, backend: str):
+    from .pipeline import Pipeline
+    if bundle is None:
+        if not (DEMO_BUNDLE / "manifest.json").is_file():
+            raise ValueError("no --bundle given and this installation ships no demo bundle; "
+                             "build one with `maskbit-export build-engines`")
+        bundle = DEMO_BUNDLE
+    return Pipeline.load(bundle, backend=backend)
+
+
+bundle_option = click.option("--bundle", type=click.Path(path_type=Path), default=None,
+                             help="Bundle directory from `maskbit-export build-engines` (default: the demo bundle).")
+backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
+                              help="Execution backend: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu) or TensorRT.")
+batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                            help="Images per run (default and upper limit: the bundle's max batch).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Run MaskBit bundles without PyTorch: generate images, encode, decode and reconstruct."""
+
+
+@main.command()
+@bundle_option
+@click.option("--labels", required=True,
+              help='Comma-separated class indices or names, one image each: "1,7,282" or "goldfish,tiger cat".')
+@click.option("--num-steps", type=click.IntRange(min=1), default=None, help="Unmasking steps (default: bundle's).")
+@click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance scale (default: bundle's).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Noise seed.")
+@batch_option
+@backend_option
+@click.option("--out", type=click.Path(path_type=Path), default=Path("maskbit_samples.png"), show_default=True,
+              help="A .png file gets one grid; a directory gets one PNG per image.")
+@one_line_errors
+def generate(bundle, labels, num_steps, guidance_scale, seed, batch_size, backend, out):
+    """Generate one image per label."""
+    from tqdm import tqdm
+
+    from .images import save_images
+    from .labels import label_name, parse_labels
+    with _pipeline(bundle, backend) as pipe:
+        if not pipe.manifest.has_generator:
+            raise ValueError(f"bundle {pipe.manifest.root} has no generator (tokenizer-only bundle)")
+        label_ids = parse_labels(labels.split(","), pipe.num_classes, pipe.class_names)
+        steps = num_steps or pipe.sampling_defaults()["num_steps"]
+        chunk = min(batch_size or pipe.manifest.max_batch("step"), pipe.manifest.max_batch("step"))
+        total = steps * -(-len(label_ids) // chunk)
+        with tqdm(total=total, desc="unmasking", unit="step", file=sys.stderr, leave=False) as bar:
+            result = pipe.generate(label_ids, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                                   batch_size=batch_size, on_step=lambda i: bar.update())
+        names = [f"{i:03d}_{label_name(label, pipe.num_classes, pipe.class_names).replace(' ', '_')}"
+                 for i, label in enumerate(label_ids)]
+        written = save_images(result.images, out, names)
+    where = written[0] if len(written) == 1 else out
+    click.echo(f"wrote {len(label_ids)} image(s) of {result.images.shape[1]}x{result.images.shape[2]} to {where}")
+
+
+@main.command()
+@bundle_option
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the tokens (.npy).")
+@batch_option
+@backend_option
+@one_line_errors
+def encode(bundle, images, out, batch_size, backend):
+    """Encode image files to token indices (int64 [B,h,w], saved with numpy)."""
+    from .images import load_image
+    with _pipeline(bundle, backend) as pipe:
+        size = pipe.manifest.dims.image_size
+        pixels = np.stack([load_image(path, size) for path in images])
+        indices = pipe.encode(pixels, batch_size)
+    _save_npy(indices, out)
+    click.echo(f"wrote tokens {list(indices.shape)} to {out}")
+
+
+@main.command()
+@bundle_option
+@click.argument("tokens", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="A .png grid or a directory of PNGs.")
+@batch_option
+@backend_option
+@one_line_errors
+def decode(bundle, tokens, out, batch_size, backend):
+    """Decode token indices (.npy, int [B,h,w]) to images."""
+    from .images import save_images
+    try:
+        indices = np.load(tokens, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"cannot read tokens from {tokens}: {exc}") from None
+    with _pipeline(bundle, backend) as pipe:
+        images = pipe.decode(indices, batch_size)
+    save_images(images, out)
+    click.echo(f"wrote {len(images)} image(s) to {out}")
+
+
+@main.command()
+@bundle_option
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="A .png grid (originals in the first row, reconstructions below) or a directory.")
+@batch_option
+@backend_option
+@one_line_errors
+def reconstruct(bundle, images, out, batch_size, backend):
+    """Encode and decode image files (shows what the tokenizer keeps)."""
+    from .images import load_image, save_images
+    with _pipeline(bundle, backend) as pipe:
+        size = pipe.manifest.dims.image_size
+        pixels = np.stack([load_image(path, size) for path in images])
+        recon = pipe.reconstruct(pixels, batch_size)
+    save_images(np.concatenate([pixels, recon]), out, columns=len(pixels))
+    click.echo(f"wrote {len(pixels)} reconstruction(s) to {out}")
+
+
+@main.command()
+@bundle_option
+@backend_option
+@one_line_errors
+def info(bundle, backend):
+    """Print the bundle's components, sampling defaults, providers and versions."""
+    with _pipeline(bundle, backend) as pipe:
+        click.echo(json.dumps(pipe.info(), indent=2, default=str))
+
+
+def _save_npy(array: np.ndarray, out: Path) -> None:
+    import os
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, out)
