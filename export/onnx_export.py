@@ -29,7 +29,8 @@ def require_onnx():
         import onnx
         import onnxscript  # noqa: F401  (needed by the exporter)
     except ImportError as exc:
-        raise ExportError(f"ONNX export needs the export extra: pip install 'maskbit[export]' ({exc.name} missing)") from None
+        raise ExportError(f"ONNX export needs the export extra: pip install 'maskbit[export]' "
+                          f"({exc.name} missing)") from None
     return onnx
 
 

@@ -78,7 +78,8 @@ def read_state_dict(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tens
         from safetensors import SafetensorError, safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__), dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+                return tensors, dict(f.metadata() or {})
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
     try:
