@@ -84,7 +84,7 @@ class OrtBackend:
         combine.bind_ortvalue_input("groups", sampled)
         self.session("combine").run_with_iobinding(combine)
         self.session("decoder").run_with_iobinding(decode)
-        return images.numpy(), indices.numpy()
+        return images.numpy().copy(), indices.numpy().copy()   # numpy() may alias the reused buffers
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         return self.session("encoder").run(["indices"], {"images": np.ascontiguousarray(images, np.float32)})[0]
