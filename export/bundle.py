@@ -70,7 +70,7 @@ def _verify_generation(tmp: Path, generator: Generator, sampling, labels: list[i
 
 def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | None, config: ModelConfig, *,
                  max_batch: int = 8, opset: int = DEFAULT_OPSET, precision: str = "fp32", verify: bool = True,
-                 force: bool = False, provenance: dict | None = None,
+                 force: bool = False, provenance: dict | None = None, class_names: list[str] | None = None,
                  on_progress: Callable[[str], None] | None = None) -> Manifest:
     """Export `tokenizer` (+ `generator`) into a verified bundle directory `out`."""
     out = Path(out)
@@ -91,6 +91,8 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
     dims = dims_of(tokenizer, generator)
     codebook = tokenizer.config.codebook_size
     num_classes = generator.config.num_classes if generator is not None else None
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names given for a {num_classes}-class generator")
     names = [n for n, spec in COMPONENTS.items() if generator is not None or not spec.needs_generator]
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,7 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config": config.to_dict(), "dims": dataclasses.asdict(dims), "num_bits": tokenizer.config.num_bits,
             "codebook_size": codebook, "tokenizer_lookup_free": tokenizer.config.is_lookup_free,
-            "num_classes": num_classes, "class_names": None,
+            "num_classes": num_classes, "class_names": list(class_names) if class_names else None,
             "sampling": dataclasses.asdict(generator.sampling_config) if generator is not None else None,
             "components": components, "opset": opset,
             "provenance": {**(provenance or {}), "tools": _versions()},

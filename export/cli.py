@@ -46,9 +46,13 @@ def main():
               help="onnx: ONNX files only; tensorrt: also build TensorRT engines (needs TensorRT and a GPU).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every component in ONNX Runtime against eager PyTorch, and a seeded generation.")
+@click.option("--class-names", default=None,
+              help='Comma-separated class names in label order, for --labels by name (1000-class models know '
+                   'the ImageNet names already).')
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once the new bundle is complete).")
 @one_line_errors
-def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset, precision, backend, verify, force):
+def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset, precision, backend, verify,
+                  class_names, force):
     """Export the encoder, decoder and (with --generator) the generation step into a bundle."""
     import maskbit
 
@@ -63,6 +67,7 @@ def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset,
                   "config": str(config) if config else None}
     manifest = build_bundle(out, tokenizer, generator, cfg, max_batch=max_batch, opset=opset, precision=precision,
                             verify=verify, force=force, provenance=provenance,
+                            class_names=[n.strip() for n in class_names.split(",")] if class_names else None,
                             on_progress=lambda message: click.echo(f"  {message}", err=True))
     if backend == "tensorrt":
         from .tensorrt import build_engines as build_trt

@@ -145,6 +145,32 @@ def reconstruct(bundle, images, out, batch_size, backend):
 
 @main.command()
 @bundle_option
+@click.option("--image", "image_path", required=True, type=click.Path(path_type=Path), help="Image file to encode.")
+@click.option("--bits", default="all", show_default=True, help='Bits to flip: "all" or comma-separated indices "0,3".')
+@backend_option
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bitflip.png"), show_default=True,
+              help="Grid: original, reconstruction, then one column per flipped bit.")
+@one_line_errors
+def bitflip(bundle, image_path, bits, backend, out):
+    """The paper's bit-flip experiment: flip bit i of every token and decode (bit-token bundles only)."""
+    from .images import load_image, save_images
+    with _pipeline(bundle, backend) as pipe:
+        image = load_image(image_path, pipe.manifest.dims.image_size)
+        chosen = None if bits.strip() == "all" else [_int(b, "--bits") for b in bits.split(",")]
+        grid = pipe.bitflip(image, chosen)
+    save_images(grid, out, columns=len(grid))
+    click.echo(f"wrote original, reconstruction and {len(grid) - 2} bit flip(s) to {out}")
+
+
+def _int(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{option} expects integers, got {text!r}") from None
+
+
+@main.command()
+@bundle_option
 @backend_option
 @one_line_errors
 def info(bundle, backend):

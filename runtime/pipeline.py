@@ -95,6 +95,20 @@ class Pipeline:
     def reconstruct(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         return self.decode(self.encode(images, batch_size), batch_size)
 
+    def bitflip(self, image: np.ndarray, bits: Sequence[int] | None = None) -> np.ndarray:
+        """The paper's bit-flip experiment for one uint8 image [H,W,3]: [original, reconstruction, then the
+        reconstruction with bit i of every token flipped, for each i in `bits` (default: all)] as uint8 [2+n,H,W,3]."""
+        if not self.manifest.data["tokenizer_lookup_free"]:
+            raise ValueError(f"bundle {self.manifest.root} has a VQ (lookup) tokenizer; bit flips need bit tokens")
+        num_bits = self.manifest.num_bits
+        bits = list(range(num_bits)) if bits is None else list(bits)
+        bad = [b for b in bits if not 0 <= b < num_bits]
+        if bad:
+            raise ValueError(f"bit {bad[0]} does not exist: tokens have bits 0..{num_bits - 1}")
+        indices = self.encode(image[None])                                        # (1, h, w)
+        variants = np.concatenate([indices] + [indices ^ (1 << b) for b in bits])  # (1 + n, h, w)
+        return np.concatenate([image[None], self.decode(variants)])
+
     def info(self) -> dict:
         data = self.manifest.data
         return {"bundle": str(self.manifest.root), "format_version": data["format_version"],
