@@ -29,8 +29,8 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise BackendError("the TensorRT backend needs TensorRT: pip install 'maskbit[tensorrt]' "
-                           "(NVIDIA's package index must be reachable)") from None
+        raise BackendError("TensorRT is not installed: pip install 'maskbit[tensorrt]' "
+                           "(its libraries come from NVIDIA's package index)") from None
     return tensorrt
 
 
