@@ -8,8 +8,11 @@ ONNX Runtime CUDA pipelines with the eager sampler token for token.
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import json
 import shutil
+import types
 
 import numpy as np
 import onnx
@@ -139,6 +142,61 @@ def test_cuda_errors_become_exceptions():
     assert check((cudart.cudaError_t.cudaSuccess, 42), "cudaMalloc") == 42
     with pytest.raises(BackendError, match=r"CUDA call cudaMalloc failed: cudaErrorMemoryAllocation"):
         check((cudart.cudaError_t.cudaErrorMemoryAllocation, 0), "cudaMalloc")
+
+
+class HostCudart:
+    """cudart stand-in whose "device" memory is host memory: exercises Device's sizes, shapes and copies."""
+
+    class cudaError_t(enum.Enum):
+        cudaSuccess = 0
+
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def __init__(self):
+        self.blocks, self.freed = {}, []
+
+    def cudaSetDevice(self, device):
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaStreamCreate(self):
+        return self.cudaError_t.cudaSuccess, 7
+
+    def cudaStreamSynchronize(self, stream):
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMalloc(self, nbytes):
+        block = ctypes.create_string_buffer(nbytes)
+        self.blocks[ctypes.addressof(block)] = block
+        return self.cudaError_t.cudaSuccess, ctypes.addressof(block)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaFree(self, ptr):
+        self.freed.append(ptr)
+        return (self.cudaError_t.cudaSuccess,)
+
+
+def test_device_buffers_copy_whole_arrays_and_scalars(monkeypatch):
+    from maskbit_runtime.backends import cuda
+    fake = HostCudart()
+    monkeypatch.setattr(cuda, "_CUDART", fake)
+    stream = cuda.Stream(0)
+    assert stream.handle == 7
+    noise = cuda.Device((2, 3, 2), "float32", stream)
+    scale = cuda.Device((), "int64", stream)
+    values = np.arange(12, dtype=np.float64).reshape(2, 3, 2)
+    noise.upload(values)                                   # converted to the buffer's dtype
+    scale.upload(np.array(5))
+    assert noise.nbytes == 48 and noise.download().dtype == np.float32
+    np.testing.assert_array_equal(noise.download(), values)
+    assert scale.download().shape == () and scale.download() == 5
+    with pytest.raises(ValueError, match="shape"):
+        noise.upload(np.zeros((3, 3, 2)))
+    noise.free()
+    noise.free()                                           # idempotent
+    assert len(fake.freed) == 1
 
 
 @pytest.mark.skipif(GPU_MISSING is None, reason="a CUDA GPU is visible here")

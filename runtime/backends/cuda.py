@@ -92,7 +92,7 @@ class Device:
     def upload(self, array: np.ndarray) -> None:
         """Asynchronous host -> device copy. From pageable memory, cudaMemcpyAsync returns once the data is
         staged, so the caller may reuse `array` right away."""
-        array = np.ascontiguousarray(array, dtype=self.dtype)
+        array = np.asarray(array, dtype=self.dtype, order="C")     # keeps 0-d scalars 0-d, unlike ascontiguousarray
         if array.shape != self.shape:
             raise ValueError(f"cannot copy an array of shape {array.shape} into a device buffer of {self.shape}")
         cudart = import_cudart()
