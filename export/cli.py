@@ -69,9 +69,14 @@ def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset,
                             verify=verify, force=force, provenance=provenance,
                             class_names=[n.strip() for n in class_names.split(",")] if class_names else None,
                             on_progress=lambda message: click.echo(f"  {message}", err=True))
-    if backend == "tensorrt":
+    if backend == "tensorrt":       # a failed engine build keeps the verified ONNX bundle, without engine entries
         from .tensorrt import build_engines as build_trt
-        manifest = build_trt(out, precision=precision, on_progress=lambda m: click.echo(f"  {m}", err=True))
+        try:
+            manifest = build_trt(out, precision=precision, on_progress=lambda m: click.echo(f"  {m}", err=True))
+        except (RuntimeError, ValueError, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise click.ClickException(f"{reason} (the ONNX bundle {out} is complete and runs with the ort "
+                                       f"backend)") from None
     report = manifest.data["verification"]
     status = "verified" if report.get("performed") else "NOT verified (--no-verify)"
     click.echo(f"wrote bundle {out} ({', '.join(sorted(manifest.components))}; {status})")

@@ -1,0 +1,164 @@
+"""TensorRT engines for a bundle: one plan per component, built from its ONNX file with the manifest's profile.
+
+`build_engines(bundle)` parses every component's ONNX file (`parse_from_file`, so external weight data next to
+it is found), builds a plan with one optimization profile from the manifest's batch profile and writes
+`<component>.engine` next to it. The manifest entries gain `engine`, `engine_sha256`, `engine_precision`,
+`tensorrt_version` and `gpu` (name and compute capability), which the runtime checks before loading.
+
+Failure leaves the bundle as it was: plans go to temporary files and replace nothing until every component
+has built. A bundle that already lists engines is first rewritten without them (a valid ONNX-only bundle),
+then the engine files are swapped in and the new manifest is written, so an interruption at any point leaves
+either the ONNX-only bundle or the complete new one, never a manifest whose hashes do not match its files.
+
+Precision: "fp32" clears TF32 so matrix products really run in float32, like the ONNX graphs the runtime is
+verified against. "fp16"/"bf16" let TensorRT pick reduced-precision kernels (the weakly typed builder flags of
+TensorRT 10, deprecated in later 10.x releases in favour of strongly typed networks) but pin to float32 every
+layer downstream of the sampler's inputs (noise and the four per-step scalars: guidance, softmax, draw,
+confidence, re-masking) and every normalization layer (LayerNorm eps 1e-12 underflows in fp16).
+Sampling decisions of reduced-precision engines are not expected to match the eager sampler token for token.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from maskbit_runtime.backends.cuda import gpu_info
+from maskbit_runtime.backends.tensorrt import collecting_logger, import_tensorrt
+from maskbit_runtime.manifest import Manifest, sha256_file, write_manifest
+from maskbit_runtime.specs import COMPONENTS, STEP, TRANSFORMER, ComponentSpec, Dims
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+ENGINE_KEYS = ("engine", "engine_sha256", "engine_precision", "tensorrt_version", "gpu")
+# the step's inputs that the transformer does not take: noise and the per-step scalars feed only the sampler
+SAMPLER_INPUTS = tuple(t.name for t in STEP.inputs if t.name not in {s.name for s in TRANSFORMER.inputs})
+
+
+class EngineBuildError(RuntimeError):
+    """TensorRT could not parse or build a component."""
+
+
+def downstream_of(layers: Sequence[tuple[Iterable[str], Iterable[str]]], seeds: Iterable[str]) -> list[int]:
+    """Indices of the layers, given as (input names, output names) in topological order, that read a tensor
+    computed from any of `seeds`."""
+    reached = set(seeds)
+    found = []
+    for index, (inputs, outputs) in enumerate(layers):
+        if reached.intersection(inputs):
+            found.append(index)
+            reached.update(outputs)
+    return found
+
+
+def pin_sampler_fp32(trt, network) -> int:
+    """Constrain the sampler's layers and all normalization layers to float32; returns how many were pinned."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    ios = [([t for t in (layer.get_input(j) for j in range(layer.num_inputs)) if t is not None],
+            [layer.get_output(j) for j in range(layer.num_outputs)]) for layer in layers]
+    sampler = downstream_of([([t.name for t in ins], [t.name for t in outs]) for ins, outs in ios], SAMPLER_INPUTS)
+    norms = [i for i, layer in enumerate(layers) if layer.type == trt.LayerType.NORMALIZATION]
+    pinned = 0
+    for i in sorted(set(sampler) | set(norms)):
+        layer, (ins, outs) = layers[i], ios[i]
+        if not any(t.dtype == trt.float32 for t in ins + outs):
+            continue                                   # integer/boolean arithmetic has no precision to keep
+        layer.precision = trt.float32
+        for j, out in enumerate(outs):
+            if out.dtype == trt.float32:
+                layer.set_output_type(j, trt.float32)
+        pinned += 1
+    return pinned
+
+
+def _profile_shapes(spec: ComponentSpec, dims: Dims, batch_profile: dict) -> dict[str, tuple]:
+    """(min, opt, max) shapes of every input with a batch axis; scalar inputs need no profile entry."""
+    return {t.name: tuple(dims.resolve(t.shape, int(batch_profile[k])) for k in ("min", "opt", "max"))
+            for t in spec.inputs if t.dynamic_axes}
+
+
+def _build_plan(trt, builder, logger, onnx_path: Path, spec: ComponentSpec, dims: Dims, batch_profile: dict,
+                precision: str, workspace_gb: float):
+    network = builder.create_network(0)          # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: "
+                               f"{'; '.join(errors) or _last(logger)}")
+    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+    missing = [t.name for t in spec.inputs if t.name not in inputs]
+    if missing:
+        raise EngineBuildError(f"{onnx_path.name} has no input(s) {', '.join(missing)} after parsing")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    else:
+        flag = getattr(trt.BuilderFlag, precision.upper(), None)
+        if flag is None:
+            raise EngineBuildError(f"TensorRT {trt.__version__} has no {precision} builder flag")
+        config.set_flag(flag)
+        pin_sampler_fp32(trt, network)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+    profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in _profile_shapes(spec, dims, batch_profile).items():
+        profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineBuildError(f"TensorRT could not build an engine for {spec.name}: {_last(logger)}")
+    return plan
+
+
+def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb: float = 4,
+                  on_progress: Callable[[str], None] | None = None) -> Manifest:
+    """Build a TensorRT engine for every component of the bundle at `bundle_dir`; returns the updated manifest."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not supported for engines; expected one of "
+                         f"{', '.join(PRECISIONS)}")
+    progress = on_progress or (lambda message: None)
+    manifest = Manifest.load(bundle_dir)
+    trt = import_tensorrt()
+    gpu = gpu_info(0)
+    logger = collecting_logger(trt)
+    builder = trt.Builder(logger)
+    root, tag = manifest.root, uuid.uuid4().hex[:8]
+    plans: dict[str, Path] = {}
+    try:
+        for name, entry in manifest.components.items():
+            progress(f"building TensorRT engine {name} ({precision})")
+            plan = _build_plan(trt, builder, logger, manifest.file(name), COMPONENTS[name], manifest.dims,
+                               entry["batch_profile"], precision, workspace_gb)
+            plans[name] = root / f".{name}.engine.partial-{tag}"
+            with open(plans[name], "wb") as f:
+                f.write(plan)
+        data = copy.deepcopy(manifest.data)
+        if any("engine" in entry for entry in data["components"].values()):
+            for entry in data["components"].values():      # ONNX-only while the engine files are swapped
+                for key in ENGINE_KEYS:
+                    entry.pop(key, None)
+            write_manifest(root, data)
+        for name, tmp in plans.items():
+            path = root / f"{name}.engine"
+            os.replace(tmp, path)
+            data["components"][name].update(engine=path.name, engine_sha256=sha256_file(path),
+                                            engine_precision=precision, tensorrt_version=trt.__version__,
+                                            gpu=gpu)
+        write_manifest(root, data)
+    finally:
+        for tmp in plans.values():
+            tmp.unlink(missing_ok=True)
+    progress(f"wrote {len(plans)} TensorRT engines for {gpu['name']} (TensorRT {trt.__version__})")
+    return Manifest.load(root)
+
+
+def _parser_error(error) -> str:
+    desc = error.desc() if hasattr(error, "desc") else str(error)
+    node = error.node() if hasattr(error, "node") else -1
+    return f"node {node}: {desc}" if node is not None and node >= 0 else str(desc)
+
+
+def _last(logger) -> str:
+    return logger.errors[-1] if logger.errors else "no error message from TensorRT"

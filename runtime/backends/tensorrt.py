@@ -1,0 +1,269 @@
+"""TensorRT backend: one engine and execution context per component, device buffers allocated once per batch.
+
+The step's two token buffers ping-pong: each step reads `tokens` from one buffer and writes `next_tokens` into
+the other, and the next step swaps the two tensor addresses (`set_tensor_address`), so the state never leaves
+the device and is never copied. Per step only the noise and four scalars go host -> device; at the end combine
+and decoder run on the device and only the images and token indices come back.
+
+Engines are tied to the TensorRT version and the GPU they were built on; before any engine is deserialized the
+manifest's record of both is compared with this machine's. TensorRT and cuda-python are imported only when the
+backend is opened: pip install 'maskbit[tensorrt]' and 'maskbit[gpu]'.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..manifest import Manifest
+from ..schedules import StepParams
+from ..specs import COMPONENTS, DECODER, ENCODER, STEP, STEP_SCALARS, ComponentSpec
+from .base import BackendError
+from .cuda import Device, Stream, gpu_info
+
+REBUILD = "rebuild with maskbit-export build-engines --backend tensorrt"
+# components the runtime executes; the raw transformer's engine serves verification and benchmarks only
+RUNTIME_COMPONENTS = ("encoder", "decoder", "step", "combine")
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise BackendError("TensorRT is not installed: pip install 'maskbit[tensorrt]' "
+                           "(its libraries come from NVIDIA's package index)") from None
+    return tensorrt
+
+
+def collecting_logger(trt):
+    """A TensorRT logger that keeps messages instead of printing them (library code never prints)."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.warnings: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                self.warnings.append(msg)
+
+    return CollectingLogger()
+
+
+def describe_gpu(gpu: dict) -> str:
+    return f"{gpu.get('name', '?')} (compute capability {gpu.get('compute_capability', '?')})"
+
+
+def check_engines(manifest: Manifest, tensorrt_version: str, gpu: dict) -> None:
+    """Raise BackendError unless every component the runtime needs has an engine built for this TensorRT and GPU."""
+    components = manifest.components
+    missing = [name for name in RUNTIME_COMPONENTS if name in components and "engine" not in components[name]]
+    if missing:
+        raise BackendError(f"bundle {manifest.root} has no TensorRT engine for {', '.join(missing)}; build them "
+                           f"with maskbit-export build-engines --backend tensorrt "
+                           f"(or maskbit_export.tensorrt.build_engines)")
+    for entry in components.values():
+        if "engine" not in entry:
+            continue
+        built_version, built_gpu = entry.get("tensorrt_version"), entry.get("gpu") or {}
+        same_gpu = (built_gpu.get("name"), built_gpu.get("compute_capability")) == \
+            (gpu["name"], gpu["compute_capability"])
+        if built_version != tensorrt_version or not same_gpu:
+            raise BackendError(f"engine {entry['engine']} was built for GPU {describe_gpu(built_gpu)} (TensorRT "
+                               f"{built_version}) but this is GPU {describe_gpu(gpu)} (TensorRT {tensorrt_version}); "
+                               f"{REBUILD}")
+
+
+class Engine:
+    """A deserialized engine with one execution context; `bind` points its tensors at device buffers."""
+
+    def __init__(self, trt, runtime, manifest: Manifest, spec: ComponentSpec, logger):
+        path = manifest.file(spec.name, "engine")
+        self.spec = spec
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"TensorRT cannot deserialize {path.name}: {_last(logger)}; {REBUILD}")
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        expected = {t.name for t in spec.inputs + spec.outputs}
+        if names != expected:
+            raise BackendError(f"{path.name} has tensors {sorted(names)}, expected {sorted(expected)}; {REBUILD}")
+        for t in spec.inputs + spec.outputs:
+            dtype = _numpy_dtype(trt, self.engine.get_tensor_dtype(t.name))
+            if dtype != np.dtype(t.dtype):
+                raise BackendError(f"{path.name}: tensor {t.name} is {dtype} in the engine but {t.dtype} in the "
+                                   f"bundle contract; {REBUILD}")
+            if t in spec.inputs and self.engine.is_shape_inference_io(t.name):
+                raise BackendError(f"{path.name}: input {t.name} became a shape tensor (read on the host); "
+                                   f"this runtime passes every input in device memory")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(f"TensorRT cannot create an execution context for {path.name}: {_last(logger)}")
+        self.owner = None
+
+    def bind(self, buffers: dict[str, Device], owner=None) -> None:
+        """Set the input shapes and every tensor address; check the output shapes TensorRT infers."""
+        for t in self.spec.inputs:
+            if t.dynamic_axes and not self.context.set_input_shape(t.name, buffers[t.name].shape):
+                raise BackendError(f"{self.spec.name}: input shape {buffers[t.name].shape} of {t.name} is outside "
+                                   f"the engine's optimization profile")
+        for name, buffer in buffers.items():
+            self.point(name, buffer)
+        for t in self.spec.outputs:
+            shape = tuple(self.context.get_tensor_shape(t.name))
+            if shape != buffers[t.name].shape:
+                raise BackendError(f"{self.spec.name}: TensorRT infers {t.name} of shape {shape}, the buffer is "
+                                   f"{buffers[t.name].shape}")
+        self.owner = owner
+
+    def point(self, name: str, buffer: Device) -> None:
+        if not self.context.set_tensor_address(name, buffer.ptr):
+            raise BackendError(f"{self.spec.name}: TensorRT refused the address of {name}")
+
+    def run(self, stream: Stream) -> None:
+        if not self.context.execute_async_v3(stream.handle):
+            raise BackendError(f"TensorRT failed to enqueue {self.spec.name}")
+
+    def close(self) -> None:
+        self.context = None      # the context must go before its engine
+        self.engine = None
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, manifest: Manifest, device: int = 0):
+        self.trt = import_tensorrt()
+        self.gpu = gpu_info(device)              # imports cuda-python; fails clearly without a GPU
+        check_engines(manifest, self.trt.__version__, self.gpu)
+        self.manifest = manifest
+        self.device = device
+        self.stream = Stream(device)
+        self.logger = collecting_logger(self.trt)
+        self.runtime = self.trt.Runtime(self.logger)
+        self._engines: dict[str, Engine] = {}
+        self._steppers: dict[int, TensorRTStepper] = {}
+        self._buffers: dict[tuple[str, int], dict[str, Device]] = {}
+
+    def engine(self, component: str) -> Engine:
+        if component not in self._engines:
+            self._engines[component] = Engine(self.trt, self.runtime, self.manifest, COMPONENTS[component],
+                                              self.logger)
+        return self._engines[component]
+
+    def buffers(self, spec: ComponentSpec, batch: int) -> dict[str, Device]:
+        """Device buffers of all inputs and outputs of `spec` for one batch size, allocated once."""
+        key = (spec.name, batch)
+        if key not in self._buffers:
+            dims = self.manifest.dims
+            self._buffers[key] = {t.name: Device(dims.resolve(t.shape, batch), t.dtype, self.stream)
+                                  for t in spec.inputs + spec.outputs}
+        return self._buffers[key]
+
+    def stepper(self, batch: int) -> TensorRTStepper:
+        if batch not in self._steppers:
+            self._steppers[batch] = TensorRTStepper(self, batch)
+        return self._steppers[batch]
+
+    def finish(self, sampled: Device, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        decode = self.buffers(DECODER, batch)
+        combine = self.engine("combine")
+        combine.bind({"groups": sampled, "indices": decode["indices"]})   # combine writes the decoder's input
+        combine.run(self.stream)
+        decoder = self.engine("decoder")
+        decoder.bind(decode)
+        decoder.run(self.stream)
+        return decode["images"].download(), decode["indices"].download()
+
+    def _run_once(self, spec: ComponentSpec, array: np.ndarray) -> np.ndarray:
+        (source,), (target,) = spec.inputs, spec.outputs
+        buffers = self.buffers(spec, len(array))
+        buffers[source.name].upload(array)
+        engine = self.engine(spec.name)
+        engine.bind(buffers)
+        engine.run(self.stream)
+        return buffers[target.name].download()
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        return self._run_once(ENCODER, np.ascontiguousarray(images, np.float32))
+
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        return self._run_once(DECODER, np.ascontiguousarray(indices, np.int64))
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "tensorrt": self.trt.__version__, "device": self.device,
+                "gpu": self.gpu["name"], "compute_capability": self.gpu["compute_capability"],
+                "engines": {k: v["engine"] for k, v in self.manifest.components.items() if "engine" in v}}
+
+    def close(self) -> None:
+        if getattr(self, "stream", None) is None:
+            return
+        self.stream.synchronize()
+        for stepper in self._steppers.values():
+            stepper.free()
+        for buffers in self._buffers.values():
+            for buffer in buffers.values():
+                buffer.free()
+        for engine in self._engines.values():
+            engine.close()
+        self._steppers.clear()
+        self._buffers.clear()
+        self._engines.clear()
+        self.stream.close()
+        self.stream = None
+
+
+class TensorRTStepper:
+    """Device buffers of the step for one batch size; the token buffers ping-pong between steps."""
+
+    def __init__(self, backend: TensorRTBackend, batch: int):
+        dims = backend.manifest.dims
+        self.engine = backend.engine("step")
+        self.stream = backend.stream
+        buffer = lambda t: Device(dims.resolve(t.shape, batch), t.dtype, self.stream)
+        self.tokens = [buffer(STEP.input("tokens")), buffer(STEP.output("next_tokens"))]
+        self.sampled = buffer(STEP.output("sampled"))
+        self.inputs = {t.name: buffer(t) for t in STEP.inputs if t.name != "tokens"}
+        self.masked = np.full(self.tokens[0].shape, dims.group_classes, dtype=np.int64)   # C means masked
+        self.scalar_dtypes = {name: STEP.input(name).dtype for name in STEP_SCALARS}
+        self.parity = 0
+
+    def _bind(self) -> None:
+        self.engine.bind({"tokens": self.tokens[self.parity], "next_tokens": self.tokens[1 - self.parity],
+                          "sampled": self.sampled, **self.inputs}, owner=self)
+
+    def start(self, labels: np.ndarray) -> None:
+        self.parity = 0
+        self.tokens[0].upload(self.masked)
+        self.inputs["labels"].upload(np.ascontiguousarray(labels, dtype=np.int64))
+        self._bind()
+
+    def step(self, noise: np.ndarray, params: StepParams) -> None:
+        if self.engine.owner is not self:        # another batch size used the step context since start()
+            self._bind()
+        self.inputs["noise"].upload(noise)
+        for name, dtype in self.scalar_dtypes.items():
+            self.inputs[name].upload(np.array(getattr(params, name), dtype=dtype))
+        self.engine.point("tokens", self.tokens[self.parity])
+        self.engine.point("next_tokens", self.tokens[1 - self.parity])
+        self.engine.run(self.stream)
+        self.parity ^= 1
+
+    def result(self) -> Device:
+        return self.sampled
+
+    def free(self) -> None:
+        for buffer in (*self.tokens, self.sampled, *self.inputs.values()):
+            buffer.free()
+
+
+def _numpy_dtype(trt, dtype) -> np.dtype | str:
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError:
+        return str(dtype)
+
+
+def _last(logger) -> str:
+    return logger.errors[-1] if logger.errors else "no error message from TensorRT"

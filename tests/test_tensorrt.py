@@ -1,0 +1,289 @@
+"""TensorRT engines and GPU backends.
+
+The CPU tier checks what runs without TensorRT: the one-line errors of a missing TensorRT, the engine/GPU
+compatibility rule, checked CUDA calls, and which layers an fp16/bf16 build pins to fp32. The `tensorrt`/`gpu`
+tier needs TensorRT, cuda-python and a CUDA device (scripts/gpu_suite.sh runs it) and compares the TensorRT and
+ONNX Runtime CUDA pipelines with the eager sampler token for token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import shutil
+import types
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from maskbit_export.cli import main as export_cli
+from maskbit_export.tensorrt import SAMPLER_INPUTS, downstream_of
+from maskbit_runtime import Pipeline
+from maskbit_runtime.backends import BackendError, open_backend
+from maskbit_runtime.backends.tensorrt import check_engines
+from maskbit_runtime.manifest import Manifest, write_manifest
+
+import maskbit
+
+LABELS = [1, 2, 3]
+STEPS = 8
+
+
+def _tensorrt_missing() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed (pip install 'maskbit[tensorrt]'; its libraries come from NVIDIA's index)"
+    return None
+
+
+def _gpu_missing() -> str | None:
+    try:
+        from maskbit_runtime.backends.cuda import gpu_info
+        gpu_info(0)
+    except BackendError as exc:
+        return str(exc)
+    return None
+
+
+TRT_MISSING = _tensorrt_missing()
+GPU_MISSING = _gpu_missing()
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return maskbit.build_tokenizer("tiny_lfq10"), maskbit.build_generator("tiny_lfq10")
+
+
+@pytest.fixture(scope="module")
+def cli_run(models, tmp_path_factory):
+    """`maskbit-export build-engines --backend tensorrt` on saved tiny checkpoints (max batch 4)."""
+    tok, gen = models
+    root = tmp_path_factory.mktemp("trt")
+    preset = maskbit.get_preset("tiny_lfq10")
+    maskbit.save_tokenizer(tok, root / "tok.safetensors", preset)
+    maskbit.save_generator(gen, root / "gen.safetensors", preset)
+    out = root / "bundle"
+    result = CliRunner().invoke(export_cli, [
+        "build-engines", "--tokenizer", str(root / "tok.safetensors"), "--generator", str(root / "gen.safetensors"),
+        "--config", "tiny_lfq10", "--out", str(out), "--max-batch", "4", "--backend", "tensorrt", "--no-verify"])
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def eager(models):
+    tok, gen = models
+    return maskbit.generate(tok, gen, labels=LABELS, seed=0, num_steps=STEPS)
+
+
+# ---------------------------------------------------------------- CPU tier: no TensorRT needed
+
+
+@pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT is installed here; this checks the error without it")
+def test_build_engines_without_tensorrt_fails_in_one_line_and_keeps_the_onnx_bundle(cli_run):
+    out, result = cli_run
+    assert result.exit_code == 1, result.output
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: ") and "pip install 'maskbit[tensorrt]'" in error
+    assert "Traceback" not in result.output + result.stderr
+    manifest = Manifest.load(out)                      # complete, hashes match
+    assert {"encoder", "decoder", "step", "combine"} <= set(manifest.components)
+    assert not any("engine" in entry for entry in manifest.components.values())
+
+
+@pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT is installed here; this checks the error without it")
+def test_tensorrt_backend_without_tensorrt_names_the_extra(cli_run):
+    out, _ = cli_run
+    with pytest.raises(BackendError, match=r"pip install 'maskbit\[tensorrt\]'"):
+        open_backend("tensorrt", Manifest.load(out))
+    with pytest.raises(BackendError, match=r"maskbit\[tensorrt\]"):
+        Pipeline.load(out, backend="tensorrt")
+
+
+def _fake_manifest(tmp_path, **engine_fields) -> Manifest:
+    entry = {"engine": "step.engine", "tensorrt_version": "10.3.0",
+             "gpu": {"name": "NVIDIA H200", "compute_capability": "9.0"}}
+    entry.update(engine_fields)
+    components = {name: dict(entry, engine=f"{name}.engine") for name in ("encoder", "decoder", "step", "combine")}
+    return Manifest(tmp_path, {"components": components})
+
+
+def test_engines_for_this_gpu_and_version_pass(tmp_path):
+    check_engines(_fake_manifest(tmp_path), "10.3.0", {"name": "NVIDIA H200", "compute_capability": "9.0"})
+
+
+@pytest.mark.parametrize("version, gpu, found", [
+    ("10.3.0", {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}, "this is GPU NVIDIA A100"),
+    ("10.7.0", {"name": "NVIDIA H200", "compute_capability": "9.0"}, "(TensorRT 10.7.0)")])
+def test_engines_for_another_gpu_or_version_are_refused(tmp_path, version, gpu, found):
+    with pytest.raises(BackendError) as info:
+        check_engines(_fake_manifest(tmp_path), version, gpu)
+    message = str(info.value)
+    assert "was built for GPU NVIDIA H200 (compute capability 9.0) (TensorRT 10.3.0)" in message
+    assert found in message and message.endswith("rebuild with maskbit-export build-engines --backend tensorrt")
+
+
+def test_bundle_without_engines_says_how_to_build_them(tmp_path):
+    manifest = _fake_manifest(tmp_path)
+    for name in ("decoder", "step"):
+        del manifest.components[name]["engine"]
+    with pytest.raises(BackendError, match="no TensorRT engine for decoder, step; build them with maskbit-export"):
+        check_engines(manifest, "10.3.0", {"name": "NVIDIA H200", "compute_capability": "9.0"})
+
+
+def test_cuda_errors_become_exceptions():
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pip install 'maskbit[gpu]')")
+    from maskbit_runtime.backends.cuda import check, import_cudart
+    cudart = import_cudart()
+    assert check((cudart.cudaError_t.cudaSuccess, 42), "cudaMalloc") == 42
+    with pytest.raises(BackendError, match=r"CUDA call cudaMalloc failed: cudaErrorMemoryAllocation"):
+        check((cudart.cudaError_t.cudaErrorMemoryAllocation, 0), "cudaMalloc")
+
+
+class HostCudart:
+    """cudart stand-in whose "device" memory is host memory: exercises Device's sizes, shapes and copies."""
+
+    class cudaError_t(enum.Enum):
+        cudaSuccess = 0
+
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def __init__(self):
+        self.blocks, self.freed = {}, []
+
+    def cudaSetDevice(self, device):
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaStreamCreate(self):
+        return self.cudaError_t.cudaSuccess, 7
+
+    def cudaStreamSynchronize(self, stream):
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMalloc(self, nbytes):
+        block = ctypes.create_string_buffer(nbytes)
+        self.blocks[ctypes.addressof(block)] = block
+        return self.cudaError_t.cudaSuccess, ctypes.addressof(block)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaFree(self, ptr):
+        self.freed.append(ptr)
+        return (self.cudaError_t.cudaSuccess,)
+
+
+def test_device_buffers_copy_whole_arrays_and_scalars(monkeypatch):
+    from maskbit_runtime.backends import cuda
+    fake = HostCudart()
+    monkeypatch.setattr(cuda, "_CUDART", fake)
+    stream = cuda.Stream(0)
+    assert stream.handle == 7
+    noise = cuda.Device((2, 3, 2), "float32", stream)
+    scale = cuda.Device((), "int64", stream)
+    values = np.arange(12, dtype=np.float64).reshape(2, 3, 2)
+    noise.upload(values)                                   # converted to the buffer's dtype
+    scale.upload(np.array(5))
+    assert noise.nbytes == 48 and noise.download().dtype == np.float32
+    np.testing.assert_array_equal(noise.download(), values)
+    assert scale.download().shape == () and scale.download() == 5
+    with pytest.raises(ValueError, match="shape"):
+        noise.upload(np.zeros((3, 3, 2)))
+    noise.free()
+    noise.free()                                           # idempotent
+    assert len(fake.freed) == 1
+
+
+@pytest.mark.skipif(GPU_MISSING is None, reason="a CUDA GPU is visible here")
+def test_no_gpu_is_one_clear_error():
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pip install 'maskbit[gpu]')")
+    from maskbit_runtime.backends.cuda import gpu_info
+    with pytest.raises(BackendError, match="TensorRT needs an NVIDIA GPU, but"):
+        gpu_info(0)
+
+
+def test_reduced_precision_pins_the_sampler_not_the_transformer(cli_run):
+    """The fp32 pinning rule, run on the real step graph: everything from guidance on, nothing of the model."""
+    out, _ = cli_run
+    graph = onnx.load(str(out / "step.onnx"), load_external_data=False).graph
+    nodes = list(graph.node)
+    pinned = {nodes[i].op_type for i in downstream_of([(n.input, n.output) for n in nodes], SAMPLER_INPUTS)}
+    assert {"CumSum", "Log", "LessOrEqual", "GatherElements", "Softmax"} <= pinned
+    assert not pinned & {"MatMul", "LayerNormalization", "Erf"}        # attention, MLP and norms stay free
+    softmaxes = [i for i, n in enumerate(nodes) if n.op_type == "Softmax"]   # attention's, then the draw's
+    reached = downstream_of([(n.input, n.output) for n in nodes], SAMPLER_INPUTS)
+    assert len(softmaxes) > 1 and softmaxes[-1] in reached and not set(softmaxes[:-1]) & set(reached)
+
+
+# ---------------------------------------------------------------- GPU tier: TensorRT and a CUDA device
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(cli_run):
+    out, result = cli_run
+    assert result.exit_code == 0, result.output + result.stderr
+    return out
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(TRT_MISSING is not None or GPU_MISSING is not None,
+                    reason=f"needs TensorRT and a CUDA GPU: {TRT_MISSING or GPU_MISSING}")
+class TestTensorRT:
+    def test_engines_are_recorded_in_the_manifest(self, trt_bundle):
+        manifest = Manifest.load(trt_bundle)
+        for name, entry in manifest.components.items():
+            assert entry["engine"] == f"{name}.engine" and entry["engine_precision"] == "fp32", name
+            assert entry["tensorrt_version"] and entry["gpu"]["compute_capability"]
+
+    def test_generation_matches_eager_tokens(self, trt_bundle, eager):
+        with Pipeline.load(trt_bundle, backend="tensorrt") as pipe:
+            out = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
+            assert pipe.info()["runtime"]["backend"] == "tensorrt"
+        np.testing.assert_array_equal(out.tokens, eager.tokens)
+        assert np.abs(out.images.astype(np.int16) - eager.images.astype(np.int16)).max() <= 1
+
+    def test_batches_beyond_the_profile_are_split(self, trt_bundle, models):
+        tok, gen = models
+        labels = [1, 2, 3, 4, 5, 6]                      # profile max is 4: chunks of 4 and 2
+        expected = maskbit.generate(tok, gen, labels=labels, seed=0, num_steps=STEPS).tokens
+        with Pipeline.load(trt_bundle, backend="tensorrt") as pipe:
+            tokens = pipe.generate(labels=labels, seed=0, num_steps=STEPS).tokens
+            assert sorted(pipe.backend._steppers) == [2, 4]
+        np.testing.assert_array_equal(tokens, expected)
+
+    def test_encode_and_decode_match_onnx_runtime(self, trt_bundle, eager):
+        with Pipeline.load(trt_bundle, backend="ort", providers=["CPUExecutionProvider"]) as ort_pipe, \
+                Pipeline.load(trt_bundle, backend="tensorrt") as trt_pipe:
+            images_ort, images_trt = ort_pipe.decode(eager.tokens), trt_pipe.decode(eager.tokens)
+            assert np.abs(images_ort.astype(np.int16) - images_trt.astype(np.int16)).max() <= 1
+            indices_ort, indices_trt = ort_pipe.encode(images_ort), trt_pipe.encode(images_ort)
+        assert (indices_ort == indices_trt).mean() >= 0.99   # sign quantization may flip latents at ~0
+
+    def test_engines_built_for_another_gpu_are_refused(self, trt_bundle, tmp_path):
+        copy = tmp_path / "bundle"
+        shutil.copytree(trt_bundle, copy)
+        data = json.loads((copy / "manifest.json").read_text())
+        data["components"]["step"]["gpu"] = {"name": "Imaginary GPU 9000", "compute_capability": "1.0"}
+        write_manifest(copy, data)
+        with pytest.raises(BackendError, match=r"engine step.engine was built for GPU Imaginary GPU 9000 .* "
+                                               r"rebuild with maskbit-export build-engines --backend tensorrt"):
+            Pipeline.load(copy, backend="tensorrt")
+
+
+@pytest.mark.gpu
+def test_onnx_runtime_cuda_generation_matches_eager_tokens(cli_run, eager):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider and a CUDA GPU (pip install 'maskbit[gpu]')")
+    out, _ = cli_run
+    with Pipeline.load(out, backend="ort", providers=["CUDAExecutionProvider", "CPUExecutionProvider"]) as pipe:
+        assert pipe.backend.device == "cuda"
+        result = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
+    np.testing.assert_array_equal(result.tokens, eager.tokens)
+    assert np.abs(result.images.astype(np.int16) - eager.images.astype(np.int16)).max() <= 1
