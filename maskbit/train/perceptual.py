@@ -59,7 +59,7 @@ class PerceptualLoss(nn.Module):
         return self
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(images.float(), size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
         return self.model((x - self.mean) / self.std)                                  # (B, 1000)
 
     def forward(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
