@@ -7,13 +7,20 @@ import torch
 import torch.nn.functional as F
 from train_support import REPO  # noqa: F401  (sets torch threads)
 
+from maskbit.presets import get_preset
 from maskbit.quantizers import QuantizerOutput
 from maskbit.train.ema import EMA
-from maskbit.train.losses import (TokenizerLoss, entropy_annealing, hinge_d_loss, hinge_g_loss, lecam_loss, mlm_loss,
-                                  quantizer_objective)
+from maskbit.train.losses import (
+    TokenizerLoss,
+    entropy_annealing,
+    hinge_d_loss,
+    hinge_g_loss,
+    lecam_loss,
+    mlm_loss,
+    quantizer_objective,
+)
 from maskbit.train.schedule import cosine_with_minimum, ema_decay, make_scheduler, mask_groups
 from maskbit.train.settings import build_settings
-from maskbit.presets import get_preset
 
 
 def test_hinge_discriminator_both_sides():
@@ -47,7 +54,7 @@ def test_discriminator_loss_uses_then_updates_lecam_ema():
         return torch.cat([torch.full((b, 1, 16, 16), const["real"]), torch.full((b, 1, 16, 16), const["fake"])])
 
     images = torch.zeros(2, 3, 32, 32)
-    loss, logs = module.discriminator_loss(images, images, step=0, discriminator=disc)
+    loss, _logs = module.discriminator_loss(images, images, step=0, discriminator=disc)
     hinge = 0.5 * ((1 - 0.75) + (1 + 0.25))
     lecam = (0.75 - (-0.25)) ** 2 + max(0.0, 0.5 - 0.25) ** 2      # uses the buffers before the update
     assert loss.item() == pytest.approx(hinge + 0.001 * lecam, abs=1e-6)
@@ -79,7 +86,7 @@ def test_generator_side_total_matches_formula():
     total, _ = module.generator_loss(images, recon, out, step=2)          # before discriminator_start
     assert total.item() == pytest.approx(4.0 * F.mse_loss(recon, images).item() + 0.3 + 2.0 * (1 - 2 / 2000) * 0.2,
                                          rel=1e-6)
-    total, logs = module.generator_loss(images, recon, out, step=3)
+    total, _logs = module.generator_loss(images, recon, out, step=3)
     g = -module.discriminator(recon).mean().item()
     assert total.item() == pytest.approx(4.0 * F.mse_loss(recon, images).item() + 0.3 + 2.0 * (1 - 3 / 2000) * 0.2
                                          + 0.02 * g, rel=1e-5)

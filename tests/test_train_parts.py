@@ -25,7 +25,7 @@ CONFIGS = Path("/work/shared/reference/official_configs")
 def _appendix_b() -> list[tuple[str, list[int]]]:
     text = SPEC.read_text().split("## Appendix B")[1].split("```")[1]
     return [(m.group(1), [int(x) for x in m.group(2).split(",")])
-            for m in re.finditer(r"^(\S+) \[([\d,]+)\]$", text, re.M)]
+            for m in re.finditer(r"^(\S+) \[([\d,]+)\]$", text, re.MULTILINE)]
 
 
 @pytest.mark.skipif(not SPEC.exists(), reason="reference spec not present")
