@@ -1,0 +1,93 @@
+"""Training checkpoints: `step-NNNNNNNN/` folders with safetensors for weights and `state.pt` for the rest.
+
+A folder is written under a temporary name and renamed with os.replace, so a killed run leaves either a complete
+checkpoint or none; only the newest `keep` are kept. `state.pt` holds plain containers and tensors only (optimisers,
+schedulers, RNG states, data position, step) and loads with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PREFIX = "step-"
+
+
+class ResumeError(ValueError):
+    """No usable checkpoint to resume from."""
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save(root: str | os.PathLike, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict,
+         meta: dict, keep: int = 3) -> Path:
+    """Write weights (name -> state dict, one safetensors file each), `state` and `meta` as checkpoint `step`."""
+    from safetensors.torch import save_file
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, tensors in weights.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
+    """(weights by name, state, meta) of one checkpoint folder."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    weights = {p.name[:-len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    meta = json.loads((path / "meta.json").read_text())
+    return weights, state, meta
+
+
+def latest(root: str | os.PathLike) -> Path:
+    found = checkpoint_dirs(root)
+    if not found:
+        raise ResumeError(f"--resume: no checkpoint in {root} (expected {PREFIX}NNNNNNNN folders)")
+    return found[-1]

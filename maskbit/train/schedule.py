@@ -1,0 +1,61 @@
+"""Learning-rate schedule (cosine with minimum), EMA decay, and the training-time mask of generator groups.
+
+The mask ratio calls `maskbit_runtime.schedules.mask_ratio`, the one definition of the schedule formulas. Training
+draws r ~ U[0, 1) per sample and the official `get_mask_tokens` applies no clamp, while `mask_ratio` clamps to
+[1e-6, 1]. With r < 1 the unclamped ratio is never above 1, and it falls below 1e-6 only for r within ~1e-6 of 1
+(linear/square/cosine; never for arccos in float32), where it raises a masking probability of < 1e-6 to 1e-6:
+a difference no training run can observe, accepted to keep one definition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from maskbit_runtime.schedules import mask_ratio
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def cosine_with_minimum(step: int, warmup_steps: int, total_steps: int, minimum_rate: float = 0.1) -> float:
+    """LR multiplier at `step`: linear warmup, then cosine from 1 down to `minimum_rate` (MASKBIT_SPEC 6.3)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    c = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, c + minimum_rate - minimum_rate * c)
+
+
+class _Multiplier:
+    """A picklable-free callable (LambdaLR keeps no state for it; resume restores last_epoch)."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, minimum_rate: float):
+        self.args = (warmup_steps, total_steps, minimum_rate)
+
+    def __call__(self, step: int) -> float:
+        return cosine_with_minimum(step, *self.args)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                   minimum_rate: float = 0.1) -> LambdaLR:
+    return LambdaLR(optimizer, _Multiplier(warmup_steps, total_steps, minimum_rate))
+
+
+def ema_decay(num_updates: int, max_decay: float = 0.999) -> float:
+    """EMA decay after the counter was incremented to `num_updates`: 0 for n <= 1, else min(n/(n+9), max)."""
+    if num_updates <= 1:
+        return 0.0
+    return min(num_updates / (num_updates + 9), max_decay)
+
+
+def mask_groups(groups: torch.Tensor, mask_token: int, schedule: str = "arccos",
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask every group independently with a per-sample ratio (official get_mask_tokens).
+
+    groups [B,N,M] int64 -> (masked groups [B,N,M], mask [B,N,M] bool). Draws rand(B) then rand(B,N,M) from
+    `generator` (the global CPU generator when None), in the official order.
+    """
+    r = torch.rand(groups.shape[0], generator=generator)                           # (B,)
+    ratio = torch.tensor([mask_ratio(float(x), schedule) for x in r], dtype=torch.float32)
+    noise = torch.rand(groups.shape, generator=generator)                           # (B, N, M)
+    mask = (noise < ratio.view(-1, *([1] * (groups.dim() - 1)))).to(groups.device)
+    return torch.where(mask, torch.full_like(groups, mask_token), groups), mask
