@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 Checkpoint = str | os.PathLike
+DEMO_DIR = Path(__file__).parent / "demo"      # the demo model's weights (scripts/train_demo.sh)
 
 
 def _config_for(state_meta: dict, config, source: str, kind: str) -> ModelConfig:

@@ -290,5 +290,8 @@ def from_official_yaml(path: str | Path) -> ModelConfig:
                                                       "experiment")}
     if "discriminator" in model:
         extra["discriminator"] = model["discriminator"]
+    train_schedule = (model.get("mlm_model") or {}).get("train_mask_schedule_strategy")
+    if train_schedule is not None:   # training reads it as a loss setting
+        extra.setdefault("losses", {}).setdefault("mlm", {})["train_mask_schedule_strategy"] = train_schedule
     # the file name, not experiment.name: the official vqgan_plus_12bit.yaml calls itself "vqgan_plus_10bit"
     return ModelConfig(tokenizer=tokenizer, generator=generator, sampling=sampling, name=Path(path).stem, extra=extra)

@@ -59,3 +59,20 @@ def build_demo_dataset(out: str | Path, images_per_class: int = 256, size: int =
         for i, crop in enumerate(demo_crops(name, images_per_class, size, seed)):
             Image.fromarray(crop).save(folder / f"{i:05d}.png")
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m maskbit.demo_data OUT [--images-per-class N] [--seed S]`: write the demo image folder."""
+    import argparse
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", type=Path, help="output image folder (one subfolder per class)")
+    parser.add_argument("--images-per-class", type=int, default=512)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build_demo_dataset(args.out, args.images_per_class, args.size, args.seed)
+    print(f"wrote {args.images_per_class} crops x {len(DEMO_CLASSES)} classes to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

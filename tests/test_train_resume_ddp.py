@@ -1,5 +1,6 @@
 """Process-level guarantees: SIGKILL + --resume equals an uninterrupted run; torchrun x2 matches one process."""
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -26,10 +27,8 @@ def photos(tmp_path_factory):
 def _lines(path):
     out = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):     # a line being written
             out.append(json.loads(line))
-        except json.JSONDecodeError:        # a line being written
-            pass
     return out
 
 

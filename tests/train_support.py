@@ -46,8 +46,8 @@ def env(threads: int = 1) -> dict:
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "maskbit.train.cli", *args], capture_output=True, text=True, check=False,
-                          env=env(), cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "maskbit.train.cli", *args], capture_output=True, text=True,
+                          check=False, env=env(), cwd=REPO, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"maskbit-train {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc

@@ -45,7 +45,8 @@ class GeneratorStage(Stage):
         if tok.num_bits != cfg.num_bits or tok.resolution // tok.stride != cfg.latent_size:
             raise ConfigError(f"tokenizer {self.options.tokenizer} makes {tok.num_bits}-bit tokens on a "
                               f"{tok.resolution // tok.stride}x{tok.resolution // tok.stride} grid; the generator of "
-                              f"{self.config.name!r} expects {cfg.num_bits} bits on {cfg.latent_size}x{cfg.latent_size}")
+                              f"{self.config.name!r} expects {cfg.num_bits} bits on "
+                              f"{cfg.latent_size}x{cfg.latent_size}")
         if self.num_classes > cfg.num_classes:
             raise ConfigError(f"the dataset has {self.num_classes} classes but the generator has {cfg.num_classes}")
         self.model = Generator(cfg).to(dev)

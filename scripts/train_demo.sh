@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Retrain the demo model shipped with the package, exactly as it was trained, on CPU (2 cores, ~1 hour).
+#   bash scripts/train_demo.sh [WORKDIR]        (needs: pip install -e ".[export,train]")
+# Writes the trained weights to maskbit/demo/ and the verified bundle to runtime/demo/bundle/.
+# The perceptual loss is off (weight 0): its ResNet-50 ImageNet weights cannot be downloaded here.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+work="${1:-$repo/.demo_work}"
+mkdir -p "$work"
+
+python -m maskbit.demo_data "$work/data" --images-per-class 512 --seed 0     # training crops
+python -m maskbit.demo_data "$work/eval" --images-per-class 8 --seed 1       # evaluation crops (held out)
+
+maskbit-train tokenizer --config demo64 --data "$work/data" --eval-data "$work/eval" \
+    --output-dir "$work/tokenizer" --max-steps 1500 --batch-size 8 --log-every 50 --eval-every 500 \
+    --save-every 500 --seed 0 --threads 1 --quiet \
+    losses.perceptual_weight=0 discriminator.hidden_channels=32 losses.discriminator_start=1000 \
+    optimizer.params.learning_rate=1e-3 optimizer.params.discriminator_learning_rate=1e-3 \
+    lr_scheduler.params.warmup_steps=50
+
+maskbit-train generator --config demo64 --data "$work/data" --eval-data "$work/eval" \
+    --tokenizer "$work/tokenizer/tokenizer.safetensors" --output-dir "$work/generator" \
+    --max-steps 1500 --batch-size 32 --log-every 50 --eval-every 500 --save-every 500 --seed 0 --threads 1 --quiet \
+    optimizer.params.learning_rate=1e-3 lr_scheduler.params.warmup_steps=100
+
+# the shipped artifacts: EMA weights, and the verified ONNX bundle with the class names
+mkdir -p "$repo/maskbit/demo"
+cp "$work/tokenizer/tokenizer.safetensors" "$repo/maskbit/demo/tokenizer.safetensors"
+cp "$work/generator/generator.safetensors" "$repo/maskbit/demo/generator.safetensors"
+maskbit-export build-engines --tokenizer "$repo/maskbit/demo/tokenizer.safetensors" \
+    --generator "$repo/maskbit/demo/generator.safetensors" --config demo64 --max-batch 8 --force \
+    --class-names astronaut,chelsea,coffee,rocket,hubble_deep_field,immunohistochemistry,retina,stereo_motorcycle \
+    --out "$repo/runtime/demo/bundle"
+python "$repo/scripts/evaluate_demo.py" "$repo/runtime/demo/bundle"
