@@ -23,7 +23,7 @@ def one_line_errors(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (ValueError, RuntimeError, OSError, ImportError, TypeError) as exc:
+        except (ValueError, RuntimeError, OSError, ImportError, TypeError, KeyError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     return wrapper
 
@@ -95,11 +95,8 @@ def generate(bundle, labels, num_steps, guidance_scale, seed, batch_size, backen
 @one_line_errors
 def encode(bundle, images, out, batch_size, backend):
     """Encode image files to token indices (int64 [B,h,w], saved with numpy)."""
-    from .images import load_image
     with _pipeline(bundle, backend) as pipe:
-        size = pipe.manifest.dims.image_size
-        pixels = np.stack([load_image(path, size) for path in images])
-        indices = pipe.encode(pixels, batch_size)
+        indices = pipe.encode(_load_images(images, pipe), batch_size)
     _save_npy(indices, out)
     click.echo(f"wrote tokens {list(indices.shape)} to {out}")
 
@@ -134,10 +131,9 @@ def decode(bundle, tokens, out, batch_size, backend):
 @one_line_errors
 def reconstruct(bundle, images, out, batch_size, backend):
     """Encode and decode image files (shows what the tokenizer keeps)."""
-    from .images import load_image, save_images
+    from .images import save_images
     with _pipeline(bundle, backend) as pipe:
-        size = pipe.manifest.dims.image_size
-        pixels = np.stack([load_image(path, size) for path in images])
+        pixels = _load_images(images, pipe)
         recon = pipe.reconstruct(pixels, batch_size)
     save_images(np.concatenate([pixels, recon]), out, columns=len(pixels))
     click.echo(f"wrote {len(pixels)} reconstruction(s) to {out}")
@@ -177,6 +173,12 @@ def info(bundle, backend):
     """Print the bundle's components, sampling defaults, providers and versions."""
     with _pipeline(bundle, backend) as pipe:
         click.echo(json.dumps(pipe.info(), indent=2, default=str))
+
+
+def _load_images(paths, pipe) -> np.ndarray:
+    """Image files -> uint8 [B,H,W,3] at the bundle's resolution."""
+    from .images import load_image
+    return np.stack([load_image(path, pipe.manifest.dims.image_size) for path in paths])
 
 
 def _save_npy(array: np.ndarray, out: Path) -> None:

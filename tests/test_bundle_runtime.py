@@ -185,3 +185,30 @@ def test_existing_output_needs_force(tokenizer_bundle):
     build_bundle(path, tok, None, maskbit.get_preset("tiny_vq"), force=True, verify=False)
     assert Pipeline.load(path).manifest.data["verification"] == {"performed": False}
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_bitflip_needs_bit_tokens(tokenizer_bundle):
+    path, _ = tokenizer_bundle
+    with Pipeline.load(path) as pipe, pytest.raises(ValueError, match="VQ \\(lookup\\) tokenizer"):
+        pipe.bitflip(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_bitflip_flips_exactly_one_bit_of_every_token(bundles):
+    path, _, _ = bundles["tiny_lfq10"]
+    image = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    with Pipeline.load(path) as pipe:
+        grid = pipe.bitflip(image, [0, 9])
+        indices = pipe.encode(image[None])
+        expected = pipe.decode(np.concatenate([indices, indices ^ 1, indices ^ 512]))
+        with pytest.raises(ValueError, match="bit 10 does not exist"):
+            pipe.bitflip(image, [10])
+    assert grid.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(grid[0], image)
+    np.testing.assert_array_equal(grid[1:], expected)
+    assert not np.array_equal(grid[1], grid[3])
+
+
+def test_class_names_must_match_the_generator(tmp_path):
+    tok, gen = _models("tiny_lfq6_g1")
+    with pytest.raises(ValueError, match="2 class names given for a 1000-class generator"):
+        build_bundle(tmp_path / "b", tok, gen, maskbit.get_preset("tiny_lfq6_g1"), class_names=["a", "b"])
