@@ -29,6 +29,7 @@ class Settings:
     size: str
     rounds: int
     generate_steps: int
+    overhead_steps: int    # steps of the loop-overhead loops (cheap: no transformer layers)
     agreement_steps: int
     batch: int             # images per step; the transformer runs 2 x batch sequences (guidance)
     threads: int
@@ -51,6 +52,7 @@ def settings(request) -> Settings:
     size = opt("--size")
     return Settings(size=size, rounds=opt("--rounds") or (10 if size == "tiny" else 5),
                     generate_steps=opt("--generate-steps") or (8 if size == "tiny" else 4),
+                    overhead_steps=max(16, opt("--generate-steps") or 0),
                     agreement_steps=opt("--agreement-steps"), batch=opt("--images"), threads=opt("--threads"))
 
 
@@ -96,7 +98,8 @@ def step_group(models, pipelines, labels, settings):
     from cases import step_cases
     from harness import Group, gemm_cases, generator_flops
     generator = models[2]
-    gemms, gemm_flops = gemm_cases(generator.config, rows=2 * len(labels) * (generator.config.num_tokens + 1))
+    gemms, gemm_flops = gemm_cases(generator.config, 2 * len(labels) * (generator.config.num_tokens + 1),
+                                   settings.threads)
     group = Group({**step_cases(generator, pipelines, labels), **gemms}, settings.rounds)
     group.flops = {name: gemm_flops if name in gemms else generator_flops(generator.config, 2 * len(labels))
                    for name in group.cases}
@@ -131,7 +134,7 @@ def overhead_group(models, labels, settings, tmp_path_factory):
     path = build_bundle(tmp_path_factory.mktemp("hollow") / "fp32", small_tokenizer, hollow, hollow_cfg,
                         max_batch=max(2, settings.batch), verify=False).root
     pipe = Pipeline.load(path, backend="ort", providers=["CPUExecutionProvider"], threads=settings.threads)
-    yield Group(overhead_cases(hollow, pipe, labels, settings.generate_steps), settings.rounds)
+    yield Group(overhead_cases(hollow, pipe, labels, settings.overhead_steps), settings.rounds)
     pipe.close()
 
 

@@ -9,6 +9,7 @@ under the same load as the steps it is compared with.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ class Group:
     def times(self, name: str) -> list[float]:
         if self._times is None:
             self._times = {n: [] for n in self.cases}
+            self.load_before = os.getloadavg()[0]
             for _ in range(self.warmup):
                 for fn in self.cases.values():
                     fn()
@@ -36,6 +38,7 @@ class Group:
                     start = time.perf_counter()
                     fn()
                     self._times[n].append(time.perf_counter() - start)
+            self.load_after = os.getloadavg()[0]
         return self._times[name]
 
     def median(self, name: str) -> float:
@@ -54,7 +57,7 @@ def record(benchmark, group: Group, name: str, **extra) -> dict:
     for duration in times:
         stats.update(duration)
     info = {"median_ms": 1e3 * float(np.median(times)), "p90_ms": 1e3 * float(np.percentile(times, 90)),
-            "rounds": len(times), **extra}
+            "rounds": len(times), "load_average_1min": [group.load_before, group.load_after], **extra}
     benchmark.extra_info.update(info)
     return info
 
@@ -75,8 +78,9 @@ def counted_flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def gemm_cases(cfg, rows: int) -> tuple[dict[str, Callable[[], object]], float]:
-    """fp32 GEMMs of one transformer layer's weight shapes at `rows` rows, in torch and numpy, and their FLOPs."""
+def gemm_cases(cfg, rows: int, threads: int) -> tuple[dict[str, Callable[[], object]], float]:
+    """fp32 GEMMs of one transformer layer's weight shapes at `rows` rows in torch, numpy and ONNX Runtime (MLAS),
+    and their FLOPs. The best of the three is the machine's measured fp32 GEMM peak."""
     D, F = cfg.hidden_dim, cfg.mlp_dim
     rng = np.random.default_rng(0)
     shapes = [(D, 3 * D), (D, D), (D, F), (F, D)]
@@ -84,6 +88,7 @@ def gemm_cases(cfg, rows: int) -> tuple[dict[str, Callable[[], object]], float]:
     acts = [rng.standard_normal((rows, s[0]), dtype=np.float32) for s in shapes]
     t_weights, t_acts = [torch.from_numpy(w) for w in weights], [torch.from_numpy(a) for a in acts]
     flops = float(sum(2 * rows * k * n for k, n in shapes))
+    session, feeds = _ort_gemms(weights, acts, threads)
 
     def torch_gemm():
         for a, w in zip(t_acts, t_weights):
@@ -92,4 +97,21 @@ def gemm_cases(cfg, rows: int) -> tuple[dict[str, Callable[[], object]], float]:
     def numpy_gemm():
         for a, w in zip(acts, weights):
             a @ w
-    return {"gemm_torch": torch_gemm, "gemm_numpy": numpy_gemm}, flops
+    return {"gemm_torch": torch_gemm, "gemm_numpy": numpy_gemm,
+            "gemm_ort": lambda: session.run(None, feeds)}, flops
+
+
+def _ort_gemms(weights: list[np.ndarray], acts: list[np.ndarray], threads: int):
+    """An ONNX graph of independent MatMuls with constant weights, as the runtime's graphs have them."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    inputs = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, list(a.shape)) for i, a in enumerate(acts)]
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(acts))]
+    nodes = [helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"]) for i in range(len(acts))]
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
+    model = helper.make_model(helper.make_graph(nodes, "gemms", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, {f"x{i}": a for i, a in enumerate(acts)}

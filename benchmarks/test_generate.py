@@ -26,7 +26,7 @@ def test_loop_overhead(benchmark, overhead_group, step_group, settings, case):
         record(benchmark, overhead_group, case)
         return
     backend = case.split("_")[0]
-    per_step = overhead_group.median(f"{backend}_loop") / settings.generate_steps
+    per_step = overhead_group.median(f"{backend}_loop") / settings.overhead_steps
     overhead = per_step - overhead_group.median(f"{backend}_forward")
     full_step = step_group.median("eager_fp32" if backend == "eager" else "ort_fp32")
     record(benchmark, overhead_group, case, loop_overhead_ms_per_step=1e3 * overhead,
