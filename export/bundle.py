@@ -59,7 +59,8 @@ def _component_entry(spec: ComponentSpec, path: Path, dims, precision: str, max_
 
 def _verify_generation(tmp: Path, generator: Generator, sampling, labels: list[int], seed: int,
                        precision: str) -> dict:
-    """A whole seeded generation through the exported step must give exactly the eager sampler's tokens."""
+    """A whole seeded generation through the exported step against the eager sampler's tokens: identical at
+    fp32; at reduced precision recorded only (it diverges after its first different draw; the agreement gates)."""
     num_steps = min(GENERATION_CHECK_STEPS, sampling.num_steps)
     sampling = dataclasses.replace(sampling, num_steps=num_steps)
     eager = generate_groups(generator, labels, sampling, seed).cpu().numpy()
