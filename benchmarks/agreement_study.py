@@ -31,7 +31,18 @@ def peakedness(generator, step, labels: np.ndarray) -> tuple[float, float]:
     return float(entropy), float(probs.max(-1).values.mean())
 
 
-def measure(preset: str, depth: int, sharpen: float, steps: int, workdir: Path) -> dict:
+class EagerBf16:
+    """The eager step under bfloat16 autocast, with the `session.run` interface the agreement function uses."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def run(self, names, feeds):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return [self.step(*(torch.from_numpy(np.array(v)) for v in feeds.values()))[1].numpy()]
+
+
+def measure(preset: str, depth: int, sharpen: float, steps: int, workdir: Path, bf16: bool = False) -> dict:
     import maskbit
     from maskbit_export.graphs import dims_of, sample_inputs
     from maskbit_export.onnx_export import export_onnx
@@ -57,8 +68,11 @@ def measure(preset: str, depth: int, sharpen: float, steps: int, workdir: Path) 
     plan, _ = sampling_plan(generator, steps)
     result = teacher_forced_agreement(step, session, labels.tolist(), plan, seed=4321)
     entropy, top = peakedness(generator, step, labels)
-    return {"preset": preset, "depth": depth, "sharpen": sharpen, "entropy": entropy, "top_probability": top,
-            "agreement": result["agreement"], "worst_step": result["worst_step_agreement"]}
+    row = {"preset": preset, "depth": depth, "sharpen": sharpen, "entropy": entropy, "top_probability": top,
+           "agreement": result["agreement"], "worst_step": result["worst_step_agreement"]}
+    if bf16:
+        row["bf16"] = teacher_forced_agreement(step, EagerBf16(step), labels.tolist(), plan, seed=4321)["agreement"]
+    return row
 
 
 def main() -> None:
@@ -68,16 +82,19 @@ def main() -> None:
     parser.add_argument("--sharpen", type=float, nargs="+", default=[1.0, 4.0, 16.0])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="also measure eager bfloat16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| generator | depth | logits x | entropy (nats) | top p | int8 agreement | worst step |")
-    print("|---|---|---|---|---|---|---|")
+    print("| generator | depth | logits x | entropy (nats) | top p | int8 agreement | worst step |"
+          + (" eager bf16 agreement |" if args.bf16 else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.bf16 else ""))
     with tempfile.TemporaryDirectory() as tmp:
         for depth in args.depths:
             for sharpen in args.sharpen:
-                r = measure(args.preset, depth, sharpen, args.steps, Path(tmp))
+                r = measure(args.preset, depth, sharpen, args.steps, Path(tmp), args.bf16)
                 print(f"| {r['preset']} | {r['depth']} | {r['sharpen']:g} | {r['entropy']:.2f} | "
-                      f"{r['top_probability']:.3f} | {r['agreement']:.2%} | {r['worst_step']:.2%} |", flush=True)
+                      f"{r['top_probability']:.3f} | {r['agreement']:.2%} | {r['worst_step']:.2%} |"
+                      + (f" {r['bf16']:.2%} |" if args.bf16 else ""), flush=True)
 
 
 if __name__ == "__main__":
