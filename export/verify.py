@@ -61,3 +61,31 @@ def failure_message(name: str, report: dict) -> str:
     details = "; ".join(f"{k}: {', '.join(f'{m}={v[m]:.3g}' for m in ('max_abs', 'mismatch_fraction') if m in v)}"
                         f"{v.get('reason', '')}" for k, v in bad.items())
     return f"verification of {name} failed ({details}; tolerance {report['tolerance']})"
+
+
+def teacher_forced_agreement(step: nn.Module, session, labels: list[int], plan, seed: int) -> dict:
+    """How often a reduced-precision step samples the same groups as the float32 step, along one float32 trajectory.
+
+    At every step both get the same inputs (the float32 trajectory's tokens, the same noise and scalars); the
+    groups compared are those the step draws (masked at its input). The float32 `next_tokens` feed the next step.
+    """
+    from maskbit_runtime.noise import StepNoise
+    from maskbit_runtime.specs import STEP, STEP_SCALARS
+
+    cfg = step.generator.config
+    labels = np.asarray(labels, dtype=np.int64)
+    noise = StepNoise(seed, len(labels), cfg.num_tokens, cfg.codebook_splits)
+    tokens = np.full((len(labels), cfg.num_tokens, cfg.codebook_splits), cfg.mask_token, dtype=np.int64)
+    agreeing, drawn, per_step = 0, 0, []
+    for params in plan:
+        inputs = {"tokens": tokens, "labels": labels, "noise": noise.draw()}
+        inputs.update({name: np.array(getattr(params, name), dtype=STEP.input(name).dtype) for name in STEP_SCALARS})
+        reference = run_eager(step, STEP, inputs)
+        sampled = session.run(["sampled"], inputs)[0]
+        masked = tokens == cfg.mask_token
+        same = int(((sampled == reference["sampled"]) & masked).sum())
+        agreeing, drawn = agreeing + same, drawn + int(masked.sum())
+        per_step.append(same / max(1, int(masked.sum())))
+        tokens = reference["next_tokens"]
+    return {"agreement": agreeing / drawn, "worst_step_agreement": min(per_step), "drawn_groups": drawn,
+            "num_steps": len(plan), "labels": labels.tolist(), "seed": seed}

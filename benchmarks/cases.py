@@ -1,0 +1,138 @@
+"""The timed cases of each benchmark group: eager PyTorch as a user writes it, and the runtime's backends.
+
+Each builder returns {case name: zero-argument callable}; one call is one timed unit (a step, a generation,
+a decode). State that a call needs is prepared here, outside the timed call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from maskbit_runtime.loop import run_loop
+from maskbit_runtime.noise import StepNoise
+from maskbit_runtime.schedules import plan_steps
+from official_loop import official_generate, official_step
+
+from maskbit.bits import combine_groups
+from maskbit.tokenizer import images_to_uint8
+
+Cases = dict[str, Callable[[], object]]
+
+
+def sampling_plan(generator, num_steps: int):
+    settings = dataclasses.asdict(generator.sampling_config)
+    settings.pop("num_steps")
+    return plan_steps(num_steps, generator.config.num_tokens * generator.config.codebook_splits, **settings), settings
+
+
+def mid_generation_tokens(cfg, batch: int) -> np.ndarray:
+    """A state half-way through a generation: half of the groups masked."""
+    rng = np.random.default_rng(1)
+    shape = (batch, cfg.num_tokens, cfg.codebook_splits)
+    return np.where(rng.random(shape) < 0.5, cfg.mask_token,
+                    rng.integers(0, cfg.group_classes, shape)).astype(np.int64)
+
+
+def step_cases(generator, pipelines, labels: np.ndarray) -> Cases:
+    """One unmasking step with guidance, half-way through a generation of the preset's length."""
+    cfg = generator.config
+    num_steps = generator.sampling_config.num_steps
+    plan, settings = sampling_plan(generator, num_steps)
+    i = num_steps // 2
+    tokens, t_labels = torch.from_numpy(mid_generation_tokens(cfg, len(labels))), torch.from_numpy(labels)
+    official = dict(guidance_scale=settings["guidance_scale"], scale_pow=settings["scale_pow"],
+                    randomize_temperature=settings["randomize_temperature"])
+
+    def eager_fp32():
+        with torch.inference_mode():
+            return official_step(generator, tokens, t_labels, i, num_steps, **official)
+
+    def eager_bf16():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return official_step(generator, tokens, t_labels, i, num_steps, **official)
+
+    cases = {"eager_fp32": eager_fp32, "eager_bf16": eager_bf16}
+    noise = StepNoise(0, len(labels), cfg.num_tokens, cfg.codebook_splits).draw()
+    for precision, pipe in pipelines.items():
+        stepper = pipe.backend.stepper(len(labels))
+        stepper.start(labels)
+        cases[f"ort_{precision}"] = lambda stepper=stepper: stepper.step(noise, plan[i])
+    return cases
+
+
+def generate_cases(tokenizer, generator, pipelines, labels: np.ndarray, num_steps: int) -> Cases:
+    """A whole generation, labels -> uint8 images, with `num_steps` steps."""
+    cfg = generator.config
+    _, settings = sampling_plan(generator, num_steps)
+    t_labels = torch.from_numpy(labels)
+
+    def eager_official():
+        with torch.inference_mode():
+            groups = official_generate(generator, t_labels, num_steps, settings["guidance_scale"],
+                                       settings["scale_pow"], settings["randomize_temperature"])
+            side = tokenizer.config.latent_size
+            return images_to_uint8(tokenizer.decode_tokens(combine_groups(groups, cfg.num_bits).view(-1, side, side)))
+
+    cases = {"eager_official": eager_official}
+    for precision, pipe in pipelines.items():
+        cases[f"ort_{precision}"] = lambda pipe=pipe: pipe.generate(labels, num_steps=num_steps, seed=0)
+    return cases
+
+
+def overhead_cases(generator, pipe, labels: np.ndarray, num_steps: int) -> Cases:
+    """Loops and bare transformer calls of a model whose step is cheap (same dims, no transformer layers).
+
+    (loop time / steps) - (one guided transformer forward) is the loop's own cost per step: sampling, re-masking,
+    noise, schedules, buffer updates and Python. It does not depend on depth, so it is measured here, where it
+    is not lost in the noise of a full-size forward, and then compared with a full-size step.
+    """
+    cfg = generator.config
+    plan, settings = sampling_plan(generator, num_steps)
+    t_labels = torch.from_numpy(labels)
+    tokens = torch.from_numpy(mid_generation_tokens(cfg, len(labels)))
+    doubled = (torch.cat([tokens, tokens]), torch.cat([t_labels, t_labels]),
+               torch.cat([torch.zeros(len(labels), dtype=torch.bool), torch.ones(len(labels), dtype=torch.bool)]))
+    session = pipe.backend.session("transformer")
+    feeds = {"tokens": doubled[0].numpy(), "labels": doubled[1].numpy(), "drop_label_mask": doubled[2].numpy()}
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    binding.bind_output("logits")
+
+    def eager_loop():
+        return official_generate(generator, t_labels, num_steps, settings["guidance_scale"], settings["scale_pow"],
+                                 settings["randomize_temperature"])
+
+    def eager_forward():
+        with torch.inference_mode():
+            return generator(*doubled)
+
+    def ort_loop():
+        noise = StepNoise(0, len(labels), cfg.num_tokens, cfg.codebook_splits)
+        return run_loop(pipe.backend.stepper(len(labels)), labels, plan, noise)
+
+    return {"eager_loop": eager_loop, "eager_forward": eager_forward, "ort_loop": ort_loop,
+            "ort_forward": lambda: session.run_with_iobinding(binding)}
+
+
+def codec_cases(tokenizer, pipe, component: str, batch: int) -> Cases:
+    """The decoder (indices -> uint8 images) or the encoder (images -> indices), eager and runtime."""
+    rng = np.random.default_rng(0)
+    side, size = tokenizer.config.latent_size, tokenizer.config.resolution
+    if component == "decoder":
+        data = rng.integers(0, tokenizer.config.codebook_size, (batch, side, side), dtype=np.int64)
+        eager = lambda x: images_to_uint8(tokenizer.decode_tokens(x))
+        runtime = pipe.decode
+    else:
+        data = rng.random((batch, 3, size, size), dtype=np.float32)
+        eager = tokenizer.encode
+        runtime = pipe.encode
+    t_data = torch.from_numpy(data)
+
+    def eager_fp32():
+        with torch.inference_mode():
+            return eager(t_data)
+    return {"eager_fp32": eager_fp32, "ort_fp32": lambda: runtime(data)}

@@ -1,0 +1,45 @@
+"""Reduced-precision generator graphs: int8 dynamic quantization of the weight matmuls (ONNX Runtime).
+
+`int8`: every MatMul with a constant weight becomes an int8 matmul (weights quantized per output channel,
+activations per tensor at run time; ONNX Runtime fuses the pair into DynamicQuantizeMatMul, which runs on
+VNNI on AVX-512 CPUs). The sensitive layers stay float32: the input projection (K=14 inputs, nothing to gain),
+the last hidden layer and the prediction layer, whose errors land directly on the logits. Attention
+score matmuls have no constant weight and stay float32, and so does the sampler (softmax, the draw, the
+confidence ranking): it contains no weight matmul.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+# graph order of the constant-weight matmuls: input_proj, 4 per layer, last_layer, prediction_layer
+KEEP_FIRST, KEEP_LAST = 1, 2
+
+
+def weight_matmuls(model) -> list[str]:
+    """Names of the MatMul nodes whose second input is an initializer, in graph order."""
+    weights = {init.name for init in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def quantize_int8(path: Path) -> dict:
+    """Quantize the ONNX file at `path` in place; returns what was quantized and what was kept float32."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    names = weight_matmuls(onnx.load(str(path), load_external_data=False))
+    keep = names[:KEEP_FIRST] + names[-KEEP_LAST:]
+    tmp = path.with_name(path.name + ".int8")
+    quant_logger = logging.getLogger()          # the quantizer logs every node at INFO on the root logger
+    level = quant_logger.level
+    quant_logger.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(path), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=keep, op_types_to_quantize=["MatMul"])
+    finally:
+        quant_logger.setLevel(level)
+    os.replace(tmp, path)
+    return {"method": "onnxruntime dynamic int8 (per-channel weights)",
+            "quantized_matmuls": len(names) - len(keep), "float32_matmuls": len(keep)}

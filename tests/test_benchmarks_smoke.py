@@ -1,0 +1,26 @@
+"""The benchmark suite runs as a test (every case once, tiny models) so it cannot rot.
+
+It runs in a subprocess rather than through `testpaths`: the suite has its own conftest (options such as
+--size, session fixtures that build bundles and set torch's thread count) and needs `--benchmark-disable`,
+while `pytest benchmarks --benchmark-only` (the real run) must not inherit that flag from the project config.
+"""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None,
+                    reason="pytest-benchmark missing: pip install 'maskbit[dev]'")
+def test_benchmark_suite_runs_at_tiny_size(tmp_path):
+    command = [sys.executable, "-m", "pytest", str(BENCHMARKS), "--benchmark-disable", "--size", "tiny",
+               "--agreement-steps", "2", "--generate-steps", "2", "-q", "-p", "no:cacheprovider",
+               f"--basetemp={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=BENCHMARKS.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
