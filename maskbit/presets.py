@@ -65,7 +65,7 @@ register(ModelConfig(
                              num_res_blocks_decoder=1, resolution=64),
     generator=GeneratorConfig(codebook_size=2 ** 10, codebook_splits=2, hidden_dim=128, depth=4, heads=4, mlp_dim=512,
                               num_classes=8, image_size=64, input_stride=4),
-    sampling=SamplingConfig(num_steps=16, guidance_scale=2.0, guidance_annealing="linear", scale_pow=1.0,
+    sampling=SamplingConfig(num_steps=16, guidance_scale=1.0, guidance_annealing="linear", scale_pow=1.0,
                             randomize_temperature=2.0),
     name="demo64"))
 
