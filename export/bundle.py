@@ -21,6 +21,7 @@ import numpy as np
 from maskbit_runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, sha256_file, write_manifest
 from maskbit_runtime.pipeline import Pipeline
 from maskbit_runtime.specs import COMPONENTS, ComponentSpec
+from maskbit_runtime.tokens import combine_groups
 
 from maskbit.config import ModelConfig
 from maskbit.generator import Generator
@@ -65,9 +66,7 @@ def _verify_generation(tmp: Path, generator: Generator, sampling, labels: list[i
     sampling = dataclasses.replace(sampling, num_steps=num_steps)
     eager = generate_groups(generator, labels, sampling, seed).cpu().numpy()
     with Pipeline.load(tmp, backend="ort", providers=["CPUExecutionProvider"]) as pipe:
-        pipe_settings = {k: v for k, v in dataclasses.asdict(sampling).items()}
-        exported = pipe.generate(labels, seed=seed, **pipe_settings).tokens
-    from maskbit_runtime.tokens import combine_groups
+        exported = pipe.generate(labels, seed=seed, **dataclasses.asdict(sampling)).tokens
     expected = combine_groups(eager, generator.config.num_bits).reshape(exported.shape)
     result = compare(expected, exported, tolerance(precision, "generation"))
     result.update({"labels": labels, "seed": seed, "num_steps": num_steps})
