@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from maskbit_runtime.specs import BATCH, ComponentSpec
 from torch import nn
+from maskbit_runtime.errors import MaskbitError
 
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 1_500_000_000   # protobuf files stop at 2 GB; larger weights go to <file>.data
 
 
-class ExportError(RuntimeError):
+class ExportError(MaskbitError, RuntimeError):
     """A component that could not be exported or does not pass the ONNX checker."""
 
 

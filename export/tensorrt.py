@@ -30,6 +30,7 @@ from maskbit_runtime.backends.cuda import gpu_info
 from maskbit_runtime.backends.tensorrt import collecting_logger, import_tensorrt
 from maskbit_runtime.manifest import Manifest, sha256_file, write_manifest
 from maskbit_runtime.specs import COMPONENTS, STEP, TRANSFORMER, ComponentSpec, Dims
+from maskbit_runtime.errors import MaskbitError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENGINE_KEYS = ("engine", "engine_sha256", "engine_precision", "tensorrt_version", "gpu")
@@ -37,7 +38,7 @@ ENGINE_KEYS = ("engine", "engine_sha256", "engine_precision", "tensorrt_version"
 SAMPLER_INPUTS = tuple(t.name for t in STEP.inputs if t.name not in {s.name for s in TRANSFORMER.inputs})
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(MaskbitError, RuntimeError):
     """TensorRT could not parse or build a component."""
 
 

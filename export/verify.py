@@ -8,9 +8,10 @@ from maskbit_runtime.specs import ComponentSpec
 from torch import nn
 
 from .tolerances import tolerance
+from maskbit_runtime.errors import MaskbitError
 
 
-class VerificationError(RuntimeError):
+class VerificationError(MaskbitError, RuntimeError):
     """An exported component whose outputs do not match eager PyTorch within tolerance."""
 
 

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig
+from maskbit_runtime.errors import MaskbitError
 
 FORMAT = "maskbit/1"
 HUB_PREFIX = "hf://"
 GENERATOR_RENAMES = {"token_emb": "input_proj"}   # older generator checkpoints name the bit projection token_emb
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MaskbitError, ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 

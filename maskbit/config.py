@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from maskbit_runtime.schedules import GUIDANCE_ANNEALING, MASK_SCHEDULES
+from maskbit_runtime.errors import MaskbitError
 
 
-class ConfigError(ValueError):
+class ConfigError(MaskbitError, ValueError):
     """A config that is unknown, unreadable or inconsistent."""
 
 

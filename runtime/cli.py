@@ -11,20 +11,25 @@ import click
 import numpy as np
 
 from .backends import BACKENDS
+from .errors import MaskbitError
 
 DEMO_BUNDLE = Path(__file__).parent / "demo" / "bundle"
 
 
 def one_line_errors(fn):
-    """Library errors become one clear line on stderr and exit status 1, never a traceback."""
+    """The toolkit's own errors (MaskbitError) and failed file operations (OSError) become one line on stderr
+    and exit status 1. Anything else is a bug and keeps its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (ValueError, RuntimeError, OSError, ImportError, TypeError, KeyError) as exc:
-            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        except (MaskbitError, OSError) as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+                text = f"{exc.strerror or text}: {exc.filename}"
+            raise click.ClickException(text) from None
     return wrapper
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .specs import COMPONENTS, Dims
+from .errors import MaskbitError
 
 FORMAT = "maskbit-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class BundleError(ValueError):
+class BundleError(MaskbitError, ValueError):
     """A bundle that is missing, incomplete, tampered with or of an unknown format."""
 
 

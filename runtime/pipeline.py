@@ -42,8 +42,11 @@ class Pipeline:
 
     def generate(self, labels: Sequence[int], num_steps: int | None = None, guidance_scale: float | None = None,
                  seed: int = 0, batch_size: int | None = None, on_step: Callable[[int], None] | None = None,
-                 **sampling) -> GenerationOutput:
-        """Generate one image per label; unset sampling settings come from the bundle's manifest."""
+                 first_index: int = 0, **sampling) -> GenerationOutput:
+        """Generate one image per label; unset sampling settings come from the bundle's manifest.
+
+        Image j's noise stream is seeded by (seed, first_index + j), so a request split into parts with the
+        matching `first_index` gives the same images as one request."""
         if not self.manifest.has_generator:
             raise BundleError(f"bundle {self.manifest.root} has no generator (it was built from a tokenizer alone)")
         unknown = set(sampling) - set(SAMPLING_FIELDS)
@@ -62,7 +65,7 @@ class Pipeline:
         images, tokens = [], []
         for start in range(0, len(labels), chunk):
             part = labels[start:start + chunk]
-            noise = StepNoise(seed, len(part), dims.num_tokens, dims.num_groups, first_index=start)
+            noise = StepNoise(seed, len(part), dims.num_tokens, dims.num_groups, first_index=first_index + start)
             sampled = run_loop(self.backend.stepper(len(part)), part, plan, noise, on_step)
             part_images, part_tokens = self.backend.finish(sampled, len(part))
             images.append(part_images)

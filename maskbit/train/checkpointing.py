@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from maskbit_runtime.errors import MaskbitError
 
 PREFIX = "step-"
 
 
-class ResumeError(ValueError):
+class ResumeError(MaskbitError, ValueError):
     """No usable checkpoint to resume from."""
 
 

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from maskbit_runtime.errors import MaskbitError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-class DataError(ValueError):
+class DataError(MaskbitError, ValueError):
     """A dataset path or layout that cannot be used."""
 
 

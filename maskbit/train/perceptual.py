@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from maskbit_runtime.errors import MaskbitError
 
 RESNET50_FILE = "resnet50-0676ba61.pth"          # torchvision ResNet50_Weights.IMAGENET1K_V1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class PerceptualWeightsMissing(FileNotFoundError):
+class PerceptualWeightsMissing(MaskbitError, FileNotFoundError):
     """No ResNet-50 weights were given and none are cached."""
 
 

@@ -7,9 +7,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..loop import Stepper
+from ..errors import MaskbitError
 
 
-class BackendError(RuntimeError):
+class BackendError(MaskbitError, RuntimeError):
     """A backend that cannot run this bundle here (missing library, wrong GPU, engine mismatch)."""
 
 

@@ -1,0 +1,1 @@
+"""Image-quality evaluation (FID, KID, IS, precision/recall) for MaskBit samples."""
