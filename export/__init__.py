@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .bundle import PRECISIONS, build_bundle
+from .bundle import PRECISIONS, ExportOptions, build_bundle
 from .onnx_export import ExportError
 from .verify import VerificationError
 
-__all__ = ["PRECISIONS", "ExportError", "VerificationError", "build_bundle"]
+__all__ = ["PRECISIONS", "ExportError", "ExportOptions", "VerificationError", "build_bundle"]

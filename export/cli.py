@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import click
-
 from maskbit_runtime.cli import one_line_errors
+from maskbit_runtime.errors import MaskbitError
 
 from .bundle import PRECISIONS
 from .onnx_export import DEFAULT_OPSET
+from .tensorrt import PRECISIONS as ENGINE_PRECISIONS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,47 +27,57 @@ def main():
 @click.option("--config", default=None,
               help="Official YAML or preset name (see `maskbit.PRESETS`); optional for our safetensors files.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to create.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Largest batch of the dynamic batch profile; bigger requests are split by the runtime.")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Largest batch of the dynamic batch profile (also the engines' optimum); bigger requests are "
+                   "split by the runtime.")
 @click.option("--opset", type=click.IntRange(min=17), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="Numeric precision of the exported graphs.")
+              help="Precision of the exported ONNX generator graphs (int8: dynamically quantized weight matmuls).")
 @click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: ONNX files only; tensorrt: also build TensorRT engines (needs TensorRT and a GPU).")
+@click.option("--engine-precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
+              help="Precision of the TensorRT engines (with --backend tensorrt; default fp32).")
+@click.option("--with-transformer", is_flag=True,
+              help="Also export the raw-logits transformer graph (benchmarks, studies); it shares the weights file.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check every component in ONNX Runtime against eager PyTorch, and a seeded generation.")
+              help="Check every component in ONNX Runtime against eager PyTorch, and seeded generations.")
 @click.option("--class-names", default=None,
               help='Comma-separated class names in label order, for --labels by name (1000-class models know '
                    'the ImageNet names already).')
-@click.option("--force", is_flag=True, help="Replace --out if it exists (only once the new bundle is complete).")
+@click.option("--force", is_flag=True,
+              help="Replace --out if it is a bundle (only once the new bundle is complete); never other folders.")
 @one_line_errors
-def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset, precision, backend, verify,
-                  class_names, force):
+def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset, precision, backend,
+                  engine_precision, with_transformer, verify, class_names, force):
     """Export the encoder, decoder and (with --generator) the generation step into a bundle."""
+    if engine_precision is not None and backend != "tensorrt":
+        raise click.UsageError("--engine-precision applies to engines: add --backend tensorrt")
+    if backend == "tensorrt":       # fail before the long ONNX export when engines cannot be built here
+        from maskbit_runtime.backends.tensorrt import import_tensorrt
+        import_tensorrt()
     import maskbit
 
-    from .bundle import build_bundle
+    from .bundle import ExportOptions, build_bundle
+    options = ExportOptions(max_batch=max_batch, opset=opset, precision=precision, verify=verify,
+                            with_transformer=with_transformer)
     tokenizer = maskbit.load_tokenizer(tokenizer_ckpt, config)
     generator = maskbit.load_generator(generator_ckpt, config) if generator_ckpt else None
-    cfg = maskbit.resolve_config(config) if config else maskbit.ModelConfig(tokenizer=tokenizer.config)
-    if config is None and generator is not None:
-        cfg = maskbit.ModelConfig(tokenizer=tokenizer.config, generator=generator.config,
-                                  sampling=generator.sampling_config)
+    name = maskbit.resolve_config(config).name if config else ""
     provenance = {"tokenizer": str(tokenizer_ckpt), "generator": str(generator_ckpt) if generator_ckpt else None,
                   "config": str(config) if config else None}
-    manifest = build_bundle(out, tokenizer, generator, cfg, max_batch=max_batch, opset=opset, precision=precision,
-                            verify=verify, force=force, provenance=provenance,
-                            class_names=[n.strip() for n in class_names.split(",")] if class_names else None,
+    names = [n.strip() for n in class_names.split(",")] if class_names else None
+    manifest = build_bundle(out, tokenizer, generator, options=options, name=name, class_names=names,
+                            provenance=provenance, force=force,
                             on_progress=lambda message: click.echo(f"  {message}", err=True))
     if backend == "tensorrt":       # a failed engine build keeps the verified ONNX bundle, without engine entries
         from .tensorrt import build_engines as build_trt
         try:
-            manifest = build_trt(out, precision=precision, on_progress=lambda m: click.echo(f"  {m}", err=True))
-        except (RuntimeError, ValueError, OSError) as exc:
+            manifest = build_trt(out, precision=engine_precision or "fp32",
+                                 on_progress=lambda m: click.echo(f"  {m}", err=True))
+        except (MaskbitError, OSError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise click.ClickException(f"{reason} (the ONNX bundle {out} is complete and runs with the ort "
                                        f"backend)") from None
-    report = manifest.data["verification"]
-    status = "verified" if report.get("performed") else "NOT verified (--no-verify)"
+    status = "verified" if manifest.verification.get("performed") else "NOT verified (--no-verify)"
     click.echo(f"wrote bundle {out} ({', '.join(sorted(manifest.components))}; {status})")
     sys.stdout.flush()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from maskbit_runtime.noise import StepNoise
+from maskbit_runtime import specs
 from maskbit_runtime.specs import ComponentSpec, Dims
 from torch import nn
 
@@ -71,6 +72,8 @@ def graph_module(name: str, tokenizer: Tokenizer, generator: Generator | None) -
         raise ValueError(f"component {name!r} needs a generator")
     if name == "step":
         return GenerationStep(generator).eval()
+    if name == "step_unguided":
+        return GenerationStep(generator, guidance=False).eval()
     if name == "transformer":
         return generator.eval()
     if name == "combine":
@@ -84,17 +87,17 @@ def sample_inputs(spec: ComponentSpec, dims: Dims, batch: int, seed: int, codebo
     rng = np.random.default_rng(seed)
     shape = lambda name: dims.resolve(spec.input(name).shape, batch)
     values = {
-        "images": lambda: rng.random(shape("images"), dtype=np.float32),
-        "indices": lambda: rng.integers(0, codebook_size, shape("indices"), dtype=np.int64),
-        "tokens": lambda: np.where(rng.random(shape("tokens")) < 0.5, dims.group_classes,
-                                   rng.integers(0, dims.group_classes, shape("tokens"))).astype(np.int64),
-        "groups": lambda: rng.integers(0, dims.group_classes, shape("groups"), dtype=np.int64),
-        "labels": lambda: rng.integers(0, num_classes, shape("labels"), dtype=np.int64),
-        "drop_label_mask": lambda: rng.random(shape("drop_label_mask")) < 0.5,
-        "noise": lambda: StepNoise(seed, batch, dims.num_tokens, dims.num_groups).draw(),
-        "guidance_scale": lambda: np.array(rng.uniform(0.5, 4.0), dtype=np.float32),
-        "softmax_temperature": lambda: np.array(rng.uniform(0.7, 1.3), dtype=np.float32),
-        "confidence_noise_scale": lambda: np.array(rng.uniform(0.0, 5.0), dtype=np.float32),
-        "num_to_mask": lambda: np.array(dims.num_tokens * dims.num_groups // 4, dtype=np.int64),
+        specs.IMAGES: lambda: rng.random(shape(specs.IMAGES), dtype=np.float32),
+        specs.INDICES: lambda: rng.integers(0, codebook_size, shape(specs.INDICES), dtype=np.int64),
+        specs.TOKENS: lambda: np.where(rng.random(shape(specs.TOKENS)) < 0.5, dims.group_classes,
+                                       rng.integers(0, dims.group_classes, shape(specs.TOKENS))).astype(np.int64),
+        specs.GROUPS: lambda: rng.integers(0, dims.group_classes, shape(specs.GROUPS), dtype=np.int64),
+        specs.LABELS: lambda: rng.integers(0, num_classes, shape(specs.LABELS), dtype=np.int64),
+        specs.DROP_LABEL_MASK: lambda: rng.random(shape(specs.DROP_LABEL_MASK)) < 0.5,
+        specs.NOISE: lambda: StepNoise(seed, batch, dims.num_tokens, dims.num_groups).draw(),
+        specs.GUIDANCE_SCALE: lambda: np.array(rng.uniform(0.5, 4.0), dtype=np.float32),
+        specs.SOFTMAX_TEMPERATURE: lambda: np.array(rng.uniform(0.7, 1.3), dtype=np.float32),
+        specs.CONFIDENCE_NOISE_SCALE: lambda: np.array(rng.uniform(0.0, 5.0), dtype=np.float32),
+        specs.NUM_TO_MASK: lambda: np.array(dims.num_tokens * dims.num_groups // 4, dtype=np.int64),
     }
     return {t.name: values[t.name]() for t in spec.inputs}

@@ -6,6 +6,11 @@ VNNI on AVX-512 CPUs). The sensitive layers stay float32: the input projection (
 the last hidden layer and the prediction layer, whose errors land directly on the logits. Attention
 score matmuls have no constant weight and stay float32, and so does the sampler (softmax, the draw, the
 confidence ranking): it contains no weight matmul.
+
+Weights use 7 of the 8 bits (`reduce_range`): without AVX-512 VNNI, ONNX Runtime multiplies u8 x s8 with
+VPMADDUBSW, whose int16 pair sums saturate with full-range weights (measured on Zen 3 at the 14-bit size: mean
+total variation of the sampling distributions from float32 0.064 with full range, 0.026 with 7-bit weights, and
+7-bit weights were also faster there). On VNNI CPUs the 7-bit grid costs a little precision and nothing else.
 """
 
 from __future__ import annotations
@@ -36,10 +41,10 @@ def quantize_int8(path: Path) -> dict:
     level = quant_logger.level
     quant_logger.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(str(path), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
+        quantize_dynamic(str(path), str(tmp), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
                          nodes_to_exclude=keep, op_types_to_quantize=["MatMul"])
     finally:
         quant_logger.setLevel(level)
     os.replace(tmp, path)
-    return {"method": "onnxruntime dynamic int8 (per-channel weights)",
+    return {"method": "onnxruntime dynamic int8 (per-channel 7-bit weights)",
             "quantized_matmuls": len(names) - len(keep), "float32_matmuls": len(keep)}

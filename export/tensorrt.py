@@ -20,7 +20,7 @@ Sampling decisions of reduced-precision engines are not expected to match the ea
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -28,9 +28,9 @@ from pathlib import Path
 
 from maskbit_runtime.backends.cuda import gpu_info
 from maskbit_runtime.backends.tensorrt import collecting_logger, import_tensorrt
-from maskbit_runtime.manifest import Manifest, sha256_file, write_manifest
+from maskbit_runtime.manifest import BatchProfile, Manifest, sha256_file
 from maskbit_runtime.specs import COMPONENTS, STEP, TRANSFORMER, ComponentSpec, Dims
-from maskbit_runtime.errors import MaskbitError
+from maskbit_runtime.errors import InputError, MaskbitError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENGINE_KEYS = ("engine", "engine_sha256", "engine_precision", "tensorrt_version", "gpu")
@@ -74,13 +74,13 @@ def pin_sampler_fp32(trt, network) -> int:
     return pinned
 
 
-def _profile_shapes(spec: ComponentSpec, dims: Dims, batch_profile: dict) -> dict[str, tuple]:
+def _profile_shapes(spec: ComponentSpec, dims: Dims, batch_profile: BatchProfile) -> dict[str, tuple]:
     """(min, opt, max) shapes of every input with a batch axis; scalar inputs need no profile entry."""
-    return {t.name: tuple(dims.resolve(t.shape, int(batch_profile[k])) for k in ("min", "opt", "max"))
+    return {t.name: tuple(dims.resolve(t.shape, b) for b in (batch_profile.min, batch_profile.opt, batch_profile.max))
             for t in spec.inputs if t.dynamic_axes}
 
 
-def _build_plan(trt, builder, logger, onnx_path: Path, spec: ComponentSpec, dims: Dims, batch_profile: dict,
+def _build_plan(trt, builder, logger, onnx_path: Path, spec: ComponentSpec, dims: Dims, batch_profile: BatchProfile,
                 precision: str, workspace_gb: float):
     network = builder.create_network(0)          # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
@@ -117,7 +117,7 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb:
                   on_progress: Callable[[str], None] | None = None) -> Manifest:
     """Build a TensorRT engine for every component of the bundle at `bundle_dir`; returns the updated manifest."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not supported for engines; expected one of "
+        raise InputError(f"engine precision {precision!r} is not supported; expected one of "
                          f"{', '.join(PRECISIONS)}")
     progress = on_progress or (lambda message: None)
     manifest = Manifest.load(bundle_dir)
@@ -131,23 +131,21 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb:
         for name, entry in manifest.components.items():
             progress(f"building TensorRT engine {name} ({precision})")
             plan = _build_plan(trt, builder, logger, manifest.file(name), COMPONENTS[name], manifest.dims,
-                               entry["batch_profile"], precision, workspace_gb)
+                               entry.batch_profile, precision, workspace_gb)
             plans[name] = root / f".{name}.engine.partial-{tag}"
             with open(plans[name], "wb") as f:
                 f.write(plan)
-        data = copy.deepcopy(manifest.data)
-        if any("engine" in entry for entry in data["components"].values()):
-            for entry in data["components"].values():      # ONNX-only while the engine files are swapped
-                for key in ENGINE_KEYS:
-                    entry.pop(key, None)
-            write_manifest(root, data)
+        components = {name: dataclasses.replace(entry, **dict.fromkeys(ENGINE_KEYS))
+                      for name, entry in manifest.components.items()}
+        if any(entry.engine for entry in manifest.components.values()):
+            manifest.replace(components=components).write(root)   # ONNX-only while the engine files are swapped
         for name, tmp in plans.items():
             path = root / f"{name}.engine"
             os.replace(tmp, path)
-            data["components"][name].update(engine=path.name, engine_sha256=sha256_file(path),
-                                            engine_precision=precision, tensorrt_version=trt.__version__,
-                                            gpu=gpu)
-        write_manifest(root, data)
+            components[name] = dataclasses.replace(
+                components[name], engine=path.name, engine_sha256=sha256_file(path), engine_precision=precision,
+                tensorrt_version=trt.__version__, gpu={k: str(gpu[k]) for k in ("name", "compute_capability")})
+        manifest.replace(components=components).write(root)
     finally:
         for tmp in plans.values():
             tmp.unlink(missing_ok=True)

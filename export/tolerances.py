@@ -6,11 +6,11 @@ mismatching fraction; uint8 images allow one level where x255 rounds the other w
 must give exactly the eager tokens.
 
 Reduced precision (`int8`) cannot match float32 sampled groups exactly: a logit error moves the inverse-CDF
-draw wherever the uniform lands near a class boundary. Its quality gate is the teacher-forced agreement
-(`verify.teacher_forced_agreement`): along a 64-step float32 trajectory, with the same inputs and noise at every
-step, the int8 step must draw the same group as float32 for at least MIN_AGREEMENT of the drawn groups. The
-component tolerances below only catch gross errors; a free-running int8 generation diverges from float32 after
-its first different draw, so its token mismatch is recorded, not gated.
+draw wherever the uniform lands near a class boundary. Its quality gate is the distribution gate
+(`quality.py`): the total variation between its sampling distributions and float32's along a teacher-forced
+trajectory of up to AGREEMENT_STEPS steps. The component tolerances below only catch gross errors; a
+free-running int8 generation diverges from float32 after its first different draw, so its token mismatch is
+recorded, not gated, and so is the teacher-forced agreement of sampled groups.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
         "decoder": {"max_abs": 1, "max_mismatch_fraction": 0.02},
         "transformer": {"atol": 1e-4, "rtol": 1e-3},
         "step": {"max_mismatch_fraction": 1e-3},
+        "step_unguided": {"max_mismatch_fraction": 1e-3},
         "combine": {"max_mismatch_fraction": 0.0},
         "generation": {"max_mismatch_fraction": 0.0},
     },
@@ -29,13 +30,13 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
         "decoder": {"max_abs": 1, "max_mismatch_fraction": 0.02},
         "transformer": {"atol": 0.5, "rtol": 0.1},
         "step": {"max_mismatch_fraction": 0.25},
+        "step_unguided": {"max_mismatch_fraction": 0.25},
         "combine": {"max_mismatch_fraction": 0.0},
         "generation": {"max_mismatch_fraction": 1.0},
     },
 }
 
-MIN_AGREEMENT = {"int8": 0.99}      # teacher-forced sampled-group agreement with float32
-AGREEMENT_STEPS = 64
+AGREEMENT_STEPS = 64                # longest teacher-forced trajectory of the distribution gate
 
 
 def tolerance(precision: str, component: str) -> dict[str, float]:

@@ -1,14 +1,29 @@
-"""Verification of exported components: ONNX Runtime against the eager module on fresh random inputs."""
+"""Verification of a bundle: each component in ONNX Runtime against its eager module on fresh random inputs,
+then whole seeded generations (guided and unguided) through the runtime against the eager sampler."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
-from maskbit_runtime.specs import ComponentSpec
+from maskbit_runtime.errors import MaskbitError
+from maskbit_runtime.specs import (COMPONENTS, DROP_LABEL_MASK, LABELS, LOGITS, NEXT_TOKENS, NOISE, SAMPLED, STEP,
+                                   STEP_SCALARS, TOKENS, ComponentSpec, Dims)
+from maskbit_runtime.tokens import combine_groups
 from torch import nn
 
-from .tolerances import tolerance
-from maskbit_runtime.errors import MaskbitError
+from maskbit.generator import Generator
+from maskbit.sampling import generate_groups
+from maskbit.step import GenerationStep
+from maskbit.tokenizer import Tokenizer
+
+from .graphs import graph_module, sample_inputs
+from .quality import GATES, passes, teacher_forced_distances
+from .tolerances import AGREEMENT_STEPS, tolerance
+
+GENERATION_CHECK_STEPS = 8
 
 
 class VerificationError(MaskbitError, RuntimeError):
@@ -19,6 +34,9 @@ def compare(expected: np.ndarray, actual: np.ndarray, tol: dict[str, float]) -> 
     """Metrics of one output against its eager value, and whether they are within `tol`."""
     if expected.shape != actual.shape:
         return {"passed": False, "reason": f"shape {list(actual.shape)} != eager {list(expected.shape)}"}
+    for name, array in (("eager", expected), ("exported", actual)):
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            return {"passed": False, "reason": f"the {name} output has NaN or infinite values"}
     diff = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
     result = {"max_abs": float(diff.max(initial=0.0)), "mismatch_fraction": float((diff > 0).mean())}
     passed = True
@@ -71,7 +89,6 @@ def teacher_forced_agreement(step: nn.Module, session, labels: list[int], plan, 
     groups compared are those the step draws (masked at its input). The float32 `next_tokens` feed the next step.
     """
     from maskbit_runtime.noise import StepNoise
-    from maskbit_runtime.specs import STEP, STEP_SCALARS
 
     cfg = step.generator.config
     labels = np.asarray(labels, dtype=np.int64)
@@ -82,11 +99,117 @@ def teacher_forced_agreement(step: nn.Module, session, labels: list[int], plan, 
         inputs = {"tokens": tokens, "labels": labels, "noise": noise.draw()}
         inputs.update({name: np.array(getattr(params, name), dtype=STEP.input(name).dtype) for name in STEP_SCALARS})
         reference = run_eager(step, STEP, inputs)
-        sampled = session.run(["sampled"], inputs)[0]
+        sampled = session.run([SAMPLED], inputs)[0]
         masked = tokens == cfg.mask_token
-        same = int(((sampled == reference["sampled"]) & masked).sum())
+        same = int(((sampled == reference[SAMPLED]) & masked).sum())
         agreeing, drawn = agreeing + same, drawn + int(masked.sum())
         per_step.append(same / max(1, int(masked.sum())))
-        tokens = reference["next_tokens"]
+        tokens = reference[NEXT_TOKENS]
     return {"agreement": agreeing / drawn, "worst_step_agreement": min(per_step), "drawn_groups": drawn,
             "num_steps": len(plan), "labels": labels.tolist(), "seed": seed}
+
+
+def verify_bundle(root: Path, names: list[str], tokenizer: Tokenizer, generator: Generator | None, dims: Dims,
+                  precision: str, max_batch: int, progress: Callable[[str], None]) -> dict:
+    """Verify every component and, with a generator, seeded generations; raise VerificationError on failure."""
+    from maskbit_runtime.backends.ort import import_ort
+    ort = import_ort()
+    codebook = tokenizer.config.codebook_size
+    num_classes = generator.config.num_classes if generator is not None else 1000
+    report: dict = {"performed": True, "components": {}}
+    for name in names:
+        progress(f"verifying {name}")
+        spec = COMPONENTS[name]
+        session = ort.InferenceSession(str(root / spec.file), providers=["CPUExecutionProvider"])
+        batches = [sample_inputs(spec, dims, b, seed=100 + b, codebook_size=codebook, num_classes=num_classes)
+                   for b in sorted({1, min(3, max_batch)})]
+        result = verify_component(graph_module(name, tokenizer, generator), spec, session, batches, precision)
+        report["components"][name] = result
+        if not result["passed"]:
+            raise VerificationError(failure_message(name, result))
+    if generator is None:
+        return report
+    labels = np.random.default_rng(7).integers(0, num_classes, min(3, max(2, max_batch))).tolist()
+    for key, guidance in (("generation", None), ("generation_unguided", 0.0)):
+        progress(f"verifying a seeded generation ({'guidance 0' if guidance == 0 else 'default guidance'})")
+        settings = generator.sampling_config.with_overrides(guidance_scale=guidance)
+        report[key] = result = _verify_generation(root, generator, settings, labels, 1234, precision)
+        if not result["passed"]:
+            raise VerificationError(f"a seeded generation through the exported step differs from the eager sampler "
+                                    f"on {result.get('mismatch_fraction', 1.0):.2%} of tokens"
+                                    f"{' (' + result['reason'] + ')' if 'reason' in result else ''}")
+    if precision in GATES and precision != "fp32":
+        progress(f"distribution gate: the {precision} step's sampling distributions against float32")
+        report["distribution"] = result = _verify_distribution(root, generator, labels, precision)
+        report["agreement"] = _verify_agreement(root, generator, labels, precision)      # reported, not gated
+        if not result["passed"]:
+            raise VerificationError(
+                f"the {precision} generator's sampling distributions are too far from float32's: mean total "
+                f"variation {result['tv_mean']:.3g} (gate {result['gate']['tv_mean']}), worst step "
+                f"{result['tv_worst_step']:.3g} (gate {result['gate']['tv_worst_step']}); build --precision fp32")
+    return report
+
+
+def _verify_generation(root: Path, generator: Generator, settings, labels: list[int], seed: int,
+                       precision: str) -> dict:
+    """A whole seeded generation through the exported step against the eager sampler's tokens: identical at
+    fp32; at reduced precision recorded only (it diverges after its first different draw; the agreement gates)."""
+    from maskbit_runtime import Pipeline
+    settings = settings.with_overrides(num_steps=min(GENERATION_CHECK_STEPS, settings.num_steps))
+    eager = generate_groups(generator, labels, settings, seed).cpu().numpy()
+    with Pipeline.load(root, backend="ort", allow_incomplete=True, providers=["CPUExecutionProvider"]) as pipe:
+        exported = pipe.generate(labels, seed=seed, **settings.to_dict()).tokens
+    expected = combine_groups(eager, generator.config.num_bits).reshape(exported.shape)
+    result = compare(expected, exported, tolerance(precision, "generation"))
+    result.update({"labels": labels, "seed": seed, "num_steps": settings.num_steps,
+                   "guidance_scale": settings.guidance_scale})
+    return result
+
+
+def _gate_plan(generator: Generator):
+    sampling = generator.sampling_config
+    return sampling.with_overrides(num_steps=min(sampling.num_steps, AGREEMENT_STEPS)).plan(
+        generator.config.num_tokens * generator.config.codebook_splits)
+
+
+def _verify_agreement(root: Path, generator: Generator, labels: list[int], precision: str) -> dict:
+    """Teacher-forced agreement of sampled groups with the float32 step (a reported figure, see quality.py)."""
+    from maskbit_runtime.backends.ort import import_ort
+    session = import_ort().InferenceSession(str(root / COMPONENTS["step"].file), providers=["CPUExecutionProvider"])
+    return teacher_forced_agreement(GenerationStep(generator).eval(), session, labels, _gate_plan(generator), 4321)
+
+
+def _verify_distribution(root: Path, generator: Generator, labels: list[int], precision: str) -> dict:
+    """The reduced-precision gate: TV/KL of the exported transformer's sampling distributions from eager float32."""
+    from maskbit_runtime.backends.ort import import_ort
+    session = import_ort().InferenceSession(str(root / COMPONENTS["transformer"].file),
+                                            providers=["CPUExecutionProvider"])
+    step, cfg = GenerationStep(generator).eval(), generator.config
+
+    def reference(tokens, labels_, drop):
+        with torch.inference_mode():
+            return generator(*(torch.from_numpy(a) for a in (tokens, labels_, drop))).numpy()
+
+    def candidate(tokens, labels_, drop):
+        return session.run([LOGITS], {TOKENS: tokens, LABELS: labels_, DROP_LABEL_MASK: drop})[0]
+
+    def advance(tokens, labels_, noise, params):
+        inputs = {TOKENS: tokens, LABELS: labels_, NOISE: noise}
+        inputs.update({n: np.array(getattr(params, n), dtype=STEP.input(n).dtype) for n in STEP_SCALARS})
+        return run_eager(step, STEP, inputs)[NEXT_TOKENS]
+
+    result = teacher_forced_distances(reference, candidate, advance, labels, _gate_plan(generator), cfg.mask_token,
+                                      (cfg.num_tokens, cfg.codebook_splits))
+    result.update(gate=GATES[precision], passed=passes(result, precision), cpu_flags=cpu_flags())
+    return result
+
+
+def cpu_flags() -> list[str]:
+    """The instruction sets that decide reduced-precision kernels (int8 results depend on them)."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [w for w in wanted if w in flags]

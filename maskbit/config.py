@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskbit_runtime.schedules import GUIDANCE_ANNEALING, MASK_SCHEDULES
+from maskbit_runtime.sampling import SamplingError, SamplingSettings
+from maskbit_runtime.schedules import MASK_SCHEDULES
 from maskbit_runtime.errors import MaskbitError
 
 
@@ -24,6 +26,49 @@ class ConfigError(MaskbitError, ValueError):
 
 QUANTIZERS = ("lookup-free", "lookup")
 TOKENIZER_CLASSES = {"vqgan+": False, "maskgit": True}   # model_class -> legacy decoder layout
+MAX_BITS = 24                                            # bits per token (LFQ token_size, log2 codebook size)
+
+
+def _got(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _int(owner: str, name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:
+    """An int (not a bool, not a float) in lo..hi, or ConfigError naming `owner.name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{owner}.{name} must be an integer, got {_got(value)}")
+    if value < lo or (hi is not None and value > hi):
+        span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{owner}.{name} must be {span}, got {value}")
+    return int(value)
+
+
+def _float(owner: str, name: str, value: Any, lo: float = 0.0, hi: float | None = None,
+           hi_open: bool = False) -> float:
+    """A finite real number (not a bool) in [lo, hi] (or [lo, hi) when hi_open), or ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{owner}.{name} must be a finite number, got {_got(value)}")
+    if value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
+        span = f"in [{lo:g}, {hi:g}{')' if hi_open else ']'}" if hi is not None else f">= {lo:g}"
+        raise ConfigError(f"{owner}.{name} must be {span}, got {value}")
+    return float(value)
+
+
+def _bool(owner: str, name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, numbers.Integral)) or value not in (0, 1):
+        raise ConfigError(f"{owner}.{name} must be true or false, got {_got(value)}")
+    return bool(value)
+
+
+def _check_fields(obj, owner: str, ints: dict, floats: dict, bools: tuple) -> None:
+    """Check and normalise (numpy ints -> int, ints -> float) the typed fields of a frozen dataclass."""
+    for name, bounds in ints.items():
+        object.__setattr__(obj, name, _int(owner, name, getattr(obj, name), *bounds))
+    for name, bounds in floats.items():
+        object.__setattr__(obj, name, _float(owner, name, getattr(obj, name), *bounds))
+    for name in bools:
+        object.__setattr__(obj, name, _bool(owner, name, getattr(obj, name)))
+
 
 
 @dataclass(frozen=True)
@@ -49,11 +94,27 @@ class TokenizerConfig:
     use_l2_normalisation: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        if self.quantizer_type not in QUANTIZERS:
-            raise ConfigError(f"quantizer_type {self.quantizer_type!r} is not supported; expected one of {QUANTIZERS}")
-        if self.is_lookup_free:
+        if not isinstance(self.quantizer_type, str) or self.quantizer_type not in QUANTIZERS:
+            raise ConfigError(f"tokenizer.quantizer_type {self.quantizer_type!r} is not supported; expected one of "
+                              f"{QUANTIZERS}")
+        lfq = self.quantizer_type == "lookup-free"
+        object.__setattr__(self, "token_size", _int("tokenizer", "token_size", self.token_size, 1,
+                                                    MAX_BITS if lfq else 4096))
+        if lfq:   # the official scripts overwrite the YAML's codebook_size with 2**token_size
             object.__setattr__(self, "codebook_size", 2 ** self.token_size)
+        _check_fields(self, "tokenizer",
+                      ints={"codebook_size": (2, 2 ** MAX_BITS), "hidden_channels": (1, 4096),
+                            "num_resolutions": (1, 8), "num_res_blocks": (1, 16),
+                            "num_res_blocks_decoder": (1, 16), "num_channels": (1, 16), "resolution": (1, 4096)},
+                      floats={"commitment_cost": (0.0,), "entropy_loss_weight": (0.0,),
+                              "entropy_loss_temperature": (0.0,), "entropy_gamma": (0.0,)},
+                      bools=("sample_with_conv", "legacy_decoder", "use_l2_normalisation"))
+        if isinstance(self.channel_mult, (str, bytes)) or not isinstance(self.channel_mult, (list, tuple)):
+            raise ConfigError(f"tokenizer.channel_mult must be a list of integers, got {_got(self.channel_mult)}")
+        object.__setattr__(self, "channel_mult", tuple(_int("tokenizer", f"channel_mult[{i}]", m, 1, 64)
+                                                       for i, m in enumerate(self.channel_mult)))
+        if self.entropy_loss_temperature == 0:
+            raise ConfigError("tokenizer.entropy_loss_temperature must be > 0, got 0")
         if len(self.channel_mult) != self.num_resolutions:
             raise ConfigError(f"channel_mult {list(self.channel_mult)} must have num_resolutions="
                               f"{self.num_resolutions} entries")
@@ -99,8 +160,14 @@ class GeneratorConfig:
     class_label_dropout: float = 0.1
 
     def __post_init__(self):
-        if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
-            raise ConfigError(f"generator codebook_size must be a power of two, got {self.codebook_size}")
+        _check_fields(self, "generator",
+                      ints={"codebook_size": (2, 2 ** MAX_BITS), "codebook_splits": (1, MAX_BITS),
+                            "hidden_dim": (1, 65536), "depth": (1, 1024), "heads": (1, 1024), "mlp_dim": (1, 262144),
+                            "num_classes": (1, 10 ** 6), "image_size": (1, 4096), "input_stride": (1, 4096)},
+                      floats={"dropout": (0.0, 1.0, True), "class_label_dropout": (0.0, 1.0, True)},
+                      bools=("use_prenorm",))
+        if self.codebook_size & (self.codebook_size - 1):
+            raise ConfigError(f"generator.codebook_size must be a power of two, got {self.codebook_size}")
         if self.num_bits % self.codebook_splits:
             raise ConfigError(f"codebook_splits={self.codebook_splits} does not divide the {self.num_bits} bits")
         if self.hidden_dim % self.heads:
@@ -134,26 +201,8 @@ class GeneratorConfig:
         return self.latent_size ** 2
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Test-time sampling settings of a generator config (official field names)."""
-
-    num_steps: int = 64
-    guidance_scale: float = 7.1
-    guidance_annealing: str = "cosine"
-    scale_pow: float = 3.0
-    softmax_temperature: float = 1.0
-    randomize_temperature: float = 7.8
-    mask_schedule: str = "arccos"
-    use_sampling_annealing: bool = False
-
-    def __post_init__(self):
-        if self.guidance_annealing not in GUIDANCE_ANNEALING:
-            raise ConfigError(f"guidance_annealing {self.guidance_annealing!r} is not one of {GUIDANCE_ANNEALING}")
-        if self.mask_schedule not in MASK_SCHEDULES:
-            raise ConfigError(f"mask schedule {self.mask_schedule!r} is not one of {MASK_SCHEDULES}")
-        if self.num_steps < 1:
-            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
+# The sampling settings are a runtime type (the manifest and the runtime need them without torch).
+SamplingConfig = SamplingSettings
 
 
 @dataclass(frozen=True)
@@ -183,10 +232,10 @@ class ModelConfig:
             return cls(
                 tokenizer=TokenizerConfig(**data["tokenizer"]),
                 generator=GeneratorConfig(**data["generator"]) if data.get("generator") else None,
-                sampling=SamplingConfig(**data["sampling"]) if data.get("sampling") else None,
+                sampling=SamplingConfig.from_dict(data["sampling"]) if data.get("sampling") else None,
                 name=data.get("name", ""),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, SamplingError) as exc:
             raise ConfigError(f"stored config is not a maskbit config: {exc}") from exc
 
 
@@ -221,17 +270,26 @@ def read_official_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    from yaml import YAMLError
     try:
         data = _to_plain(OmegaConf.load(path))
-    except (OmegaConfBaseException, ValueError) as exc:
+    except (OmegaConfBaseException, YAMLError, ValueError) as exc:
         raise ConfigError(f"cannot read config {path}: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} is not a YAML mapping")
     return data
 
 
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {_got(value)}")
+    return dict(value)
+
+
 def tokenizer_from_official(vq: Mapping[str, Any], resolution: int = 256) -> TokenizerConfig:
-    vq = dict(vq)
+    vq = _mapping(vq, "model.vq_model")
     model_class = vq.pop("model_class", "vqgan+")
     if model_class == "taming":
         raise ConfigError("model_class 'taming' (the external Taming VQGAN) is not supported by this toolkit")
@@ -247,14 +305,14 @@ def tokenizer_from_official(vq: Mapping[str, Any], resolution: int = 256) -> Tok
     if legacy:   # the legacy decoder ignores num_res_blocks_decoder
         kwargs["num_res_blocks_decoder"] = kwargs.get("num_res_blocks", 2)
     try:
-        return TokenizerConfig(legacy_decoder=legacy, resolution=int(resolution), **kwargs)
+        return TokenizerConfig(legacy_decoder=legacy, resolution=resolution, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad model.vq_model: {exc}") from exc
 
 
 def generator_from_official(mlm: Mapping[str, Any], tokenizer: TokenizerConfig, resolution: int = 256,
                             num_classes: int = 1000) -> tuple[GeneratorConfig, SamplingConfig]:
-    mlm = dict(mlm)
+    mlm = _mapping(mlm, "model.mlm_model")
     if mlm.get("model_cls", "lfq_bert") != "lfq_bert":
         raise ConfigError(f"model.mlm_model.model_cls {mlm['model_cls']!r} is not supported; only 'lfq_bert'")
     unknown = set(mlm) - _MLM_MODEL_FIELDS - _MLM_SAMPLING_FIELDS - _MLM_IGNORED
@@ -262,37 +320,42 @@ def generator_from_official(mlm: Mapping[str, Any], tokenizer: TokenizerConfig, 
         raise ConfigError(f"unknown field(s) in model.mlm_model: {', '.join(sorted(unknown))}")
     if not tokenizer.is_lookup_free:
         raise ConfigError("an lfq_bert generator needs a lookup-free tokenizer (model.vq_model.quantizer_type)")
-    if "codebook_size" in mlm and int(mlm["codebook_size"]) != tokenizer.codebook_size:
+    if "codebook_size" in mlm and mlm["codebook_size"] != tokenizer.codebook_size:
         raise ConfigError(f"model.mlm_model.codebook_size {mlm['codebook_size']} disagrees with the "
                           f"{tokenizer.num_bits}-bit tokenizer (2**{tokenizer.num_bits} = {tokenizer.codebook_size})")
     train_sched = mlm.get("train_mask_schedule_strategy", "arccos")
     if train_sched not in MASK_SCHEDULES:
         raise ConfigError(f"train_mask_schedule_strategy {train_sched!r} is not one of {MASK_SCHEDULES}")
     generator = GeneratorConfig(
-        codebook_size=tokenizer.codebook_size, num_classes=num_classes, image_size=int(resolution),
+        codebook_size=tokenizer.codebook_size, num_classes=num_classes, image_size=resolution,
         input_stride=tokenizer.stride, **{k: mlm[k] for k in _MLM_MODEL_FIELDS if k in mlm})
-    sampling = SamplingConfig(mask_schedule=mlm.get("gen_mask_schedule_strategy", "arccos"),
-                              **{k: mlm[k] for k in _MLM_SAMPLING_FIELDS if k in mlm})
+    try:
+        sampling = SamplingConfig(mask_schedule=mlm.get("gen_mask_schedule_strategy", "arccos"),
+                                  **{k: mlm[k] for k in _MLM_SAMPLING_FIELDS if k in mlm})
+    except SamplingError as exc:
+        raise ConfigError(f"model.mlm_model: {exc}") from None
     return generator, sampling
 
 
 def from_official_yaml(path: str | Path) -> ModelConfig:
     """Read an official MaskBit YAML (tokenizer, generator or demo layout)."""
     data = read_official_yaml(path)
-    model = data.get("model") or {}
+    model = _mapping(data.get("model"), "model")
     if "vq_model" not in model:
         raise ConfigError(f"config {path} has no model.vq_model section")
-    resolution = ((data.get("dataset") or {}).get("preprocessing") or {}).get("resolution", 256)
+    dataset = _mapping(data.get("dataset"), "dataset")
+    resolution = _mapping(dataset.get("preprocessing"), "dataset.preprocessing").get("resolution", 256)
     tokenizer = tokenizer_from_official(model["vq_model"], resolution)
     generator = sampling = None
     if "mlm_model" in model:
         generator, sampling = generator_from_official(model["mlm_model"], tokenizer, resolution)
-    extra = {k: v for k, v in data.items() if k in ("losses", "optimizer", "lr_scheduler", "training", "dataset",
-                                                      "experiment")}
+    extra = {k: _mapping(v, k) for k, v in data.items() if k in ("losses", "optimizer", "lr_scheduler", "training",
+                                                                  "dataset", "experiment")}
     if "discriminator" in model:
-        extra["discriminator"] = model["discriminator"]
+        extra["discriminator"] = _mapping(model["discriminator"], "model.discriminator")
     train_schedule = (model.get("mlm_model") or {}).get("train_mask_schedule_strategy")
     if train_schedule is not None:   # training reads it as a loss setting
-        extra.setdefault("losses", {}).setdefault("mlm", {})["train_mask_schedule_strategy"] = train_schedule
+        losses = extra.setdefault("losses", {})
+        losses["mlm"] = {**_mapping(losses.get("mlm"), "losses.mlm"), "train_mask_schedule_strategy": train_schedule}
     # the file name, not experiment.name: the official vqgan_plus_12bit.yaml calls itself "vqgan_plus_10bit"
     return ModelConfig(tokenizer=tokenizer, generator=generator, sampling=sampling, name=Path(path).stem, extra=extra)

@@ -1,18 +1,16 @@
-"""Eager generation: the shared decode loop driving the `GenerationStep` module in PyTorch."""
+"""Eager generation: the runtime's decode-loop driver (`maskbit_runtime.loop.sample`) over the step module."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-from maskbit_runtime.loop import GenerationOutput, check_labels, run_loop
-from maskbit_runtime.noise import StepNoise
-from maskbit_runtime.schedules import StepParams, plan_steps
+from maskbit_runtime.loop import GenerationOutput, check_labels, sample
+from maskbit_runtime.sampling import SamplingSettings
+from maskbit_runtime.schedules import StepParams
 
 from .bits import combine_groups
-from .config import SamplingConfig
 from .generator import Generator
 from .step import GenerationStep
 from .tokenizer import Tokenizer, images_to_uint8
@@ -43,43 +41,36 @@ class EagerStepper:
         return self.sampled
 
 
-def sampling_settings(generator: Generator, **overrides) -> SamplingConfig:
+def sampling_settings(generator: Generator, **overrides) -> SamplingSettings:
     """The generator's sampling defaults (from its config) with the given fields replaced (None = keep)."""
-    base = getattr(generator, "sampling_config", None) or SamplingConfig()
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    base = getattr(generator, "sampling_config", None) or SamplingSettings()
+    return base.with_overrides(**overrides)
 
 
 @torch.no_grad()
-def generate_groups(generator: Generator, labels: Sequence[int], sampling: SamplingConfig, seed: int = 0,
-                    on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """The final sampled groups [B,N,M] of a seeded generation."""
+def generate_groups(generator: Generator, labels: Sequence[int], sampling: SamplingSettings, seed: int = 0,
+                    on_step: Callable[[int], None] | None = None, first_index: int = 0) -> torch.Tensor:
+    """The final sampled groups [B,N,M] of a seeded generation (one batch: eager has no batch limit)."""
     cfg = generator.config
     labels = check_labels(labels, cfg.num_classes)
     device = next(generator.parameters()).device
-    settings = asdict(sampling)
-    num_steps = settings.pop("num_steps")
-    plan = plan_steps(num_steps, cfg.num_tokens * cfg.codebook_splits, **settings)
-    step = GenerationStep(generator, guidance=sampling.guidance_scale != 0).eval()
-    noise = StepNoise(seed, len(labels), cfg.num_tokens, cfg.codebook_splits)
-    return run_loop(EagerStepper(step, device), labels, plan, noise, on_step)
+    stepper = EagerStepper(GenerationStep(generator, guidance=sampling.uses_guidance).eval(), device)
+    (groups,) = sample(lambda batch: stepper, lambda result, batch: result, labels, sampling, seed, cfg.num_tokens,
+                       cfg.codebook_splits, len(labels), first_index, on_step)
+    return groups
 
 
 @torch.no_grad()
 def generate(tokenizer: Tokenizer, generator: Generator, labels: Sequence[int], num_steps: int | None = None,
-             guidance_scale: float | None = None, seed: int = 0, *, guidance_annealing: str | None = None,
-             scale_pow: float | None = None, softmax_temperature: float | None = None,
-             randomize_temperature: float | None = None, mask_schedule: str | None = None,
-             use_sampling_annealing: bool | None = None,
-             on_step: Callable[[int], None] | None = None) -> GenerationOutput:
-    """Generate images for `labels`; unset sampling parameters default to the generator config's values."""
+             guidance_scale: float | None = None, seed: int = 0, *, on_step: Callable[[int], None] | None = None,
+             **sampling) -> GenerationOutput:
+    """Generate images for `labels`; unset sampling settings (see `SamplingSettings`) come from the generator's
+    config."""
     if tokenizer.config.num_bits != generator.config.num_bits or not tokenizer.config.is_lookup_free:
         raise ValueError(f"the generator predicts {generator.config.num_bits}-bit tokens but the tokenizer is a "
                          f"{tokenizer.config.num_bits}-bit {tokenizer.config.quantizer_type} tokenizer")
-    sampling = sampling_settings(
-        generator, num_steps=num_steps, guidance_scale=guidance_scale, guidance_annealing=guidance_annealing,
-        scale_pow=scale_pow, softmax_temperature=softmax_temperature, randomize_temperature=randomize_temperature,
-        mask_schedule=mask_schedule, use_sampling_annealing=use_sampling_annealing)
-    groups = generate_groups(generator, labels, sampling, seed, on_step)
+    settings = sampling_settings(generator, num_steps=num_steps, guidance_scale=guidance_scale, **sampling)
+    groups = generate_groups(generator, labels, settings, seed, on_step)
     side = generator.config.latent_size
     indices = combine_groups(groups, generator.config.num_bits).view(-1, side, side)      # (B, h, w)
     images = images_to_uint8(tokenizer.decode_tokens(indices))

@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+from .errors import InputError, MaskbitError
 from .loop import GenerationOutput
 from .manifest import BundleError, Manifest
 from .pipeline import Pipeline
+from .sampling import SamplingSettings
 
-__all__ = ["BundleError", "GenerationOutput", "Manifest", "Pipeline"]
+__all__ = ["BundleError", "GenerationOutput", "InputError", "Manifest", "MaskbitError", "Pipeline",
+           "SamplingSettings"]

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
+from .errors import InputError
+
 
 @lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[tuple[str, ...], ...]:
@@ -30,20 +32,20 @@ def parse_labels(items: Sequence[str | int], num_classes: int, names: Sequence[s
         if text.lstrip("-").isdigit():
             value = int(text)
             if not 0 <= value < num_classes:
-                raise ValueError(f"label {value} is out of range: this model has classes 0..{num_classes - 1}")
+                raise InputError(f"label {value} is out of range: this model has classes 0..{num_classes - 1}")
             labels.append(value)
             continue
         if table is None:
-            raise ValueError(f"label {text!r} is not a number and this {num_classes}-class model has no class names")
+            raise InputError(f"label {text!r} is not a number and this {num_classes}-class model has no class names")
         matches = [i for i, synonyms in enumerate(table) if text.lower() in (s.lower() for s in synonyms)]
         if not matches:
-            raise ValueError(f"unknown class name {text!r}; use a class index or a name such as "
+            raise InputError(f"unknown class name {text!r}; use a class index or a name such as "
                              f"{', '.join(repr(s[0]) for s in table[:3])}")
         if len(matches) > 1:
-            raise ValueError(f"class name {text!r} is ambiguous: classes {matches}; use the index")
+            raise InputError(f"class name {text!r} is ambiguous: classes {matches}; use the index")
         labels.append(matches[0])
     if not labels:
-        raise ValueError("no labels given")
+        raise InputError("no labels given")
     return labels
 
 

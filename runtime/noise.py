@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
+
 _BITS = 23
 _SCALE = np.float32(2.0 ** -_BITS)
 
@@ -18,8 +20,8 @@ class StepNoise:
     """Draws the step input `noise` (float32 [B, N, M, 2]) for images `first_index ... first_index + B - 1`."""
 
     def __init__(self, seed: int, batch_size: int, num_tokens: int, num_groups: int, first_index: int = 0):
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 63:
+            raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         self.shape = (num_tokens, num_groups, 2)
         self._rngs = [np.random.Generator(np.random.PCG64([seed, first_index + b])) for b in range(batch_size)]
 

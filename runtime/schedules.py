@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 MASK_SCHEDULES = ("linear", "square", "root", "cosine", "arccos")
 GUIDANCE_ANNEALING = ("none", "linear", "cosine")
 
@@ -33,7 +35,7 @@ def mask_ratio(progress: float, schedule: str = "arccos") -> float:
     elif schedule == "arccos":
         ratio = np.arccos(r) / np.float32(math.pi / 2)
     else:
-        raise ValueError(f"unknown mask schedule {schedule!r}; expected one of {', '.join(MASK_SCHEDULES)}")
+        raise InputError(f"unknown mask schedule {schedule!r}; expected one of {', '.join(MASK_SCHEDULES)}")
     return float(np.clip(np.float32(ratio), np.float32(1e-6), np.float32(1.0)))
 
 
@@ -44,7 +46,7 @@ def num_to_mask_schedule(num_steps: int, num_groups: int, schedule: str = "arcco
     (exactly k groups, not "all ties at the threshold"), so the number masked before a step is the previous k.
     """
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise InputError(f"num_steps must be >= 1, got {num_steps}")
     counts = []
     masked = num_groups
     for i in range(num_steps):
@@ -69,7 +71,7 @@ def guidance_scale_schedule(guidance_scale: float, num_steps: int, annealing: st
         elif annealing == "cosine":
             factor = (1.0 - math.cos(math.pi * t ** scale_pow)) / 2.0
         else:
-            raise ValueError(f"unknown guidance annealing {annealing!r}; "
+            raise InputError(f"unknown guidance annealing {annealing!r}; "
                              f"expected one of {', '.join(GUIDANCE_ANNEALING)}")
         scales.append(float(np.float32(guidance_scale * factor)))
     return scales

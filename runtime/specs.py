@@ -69,46 +69,70 @@ class ComponentSpec:
         return {t.name: np.zeros(dims.resolve(t.shape, batch), dtype=t.dtype) for t in getattr(self, which)}
 
 
+# Tensor names: code outside this module refers to tensors through these constants, never through literals.
+IMAGES = "images"                  # encoder input float32 [B,3,H,W] / decoder output uint8 [B,H,W,3]
+INDICES = "indices"                # full token indices [B,h,w]
+TOKENS = "tokens"                  # the step's state in: groups [B,N,M], C = masked
+NEXT_TOKENS = "next_tokens"        # the step's state out (becomes the next step's `tokens`)
+SAMPLED = "sampled"                # every group filled in; the last step's is the result
+LABELS = "labels"
+NOISE = "noise"
+GROUPS = "groups"
+LOGITS = "logits"
+DROP_LABEL_MASK = "drop_label_mask"
+GUIDANCE_SCALE = "guidance_scale"
+SOFTMAX_TEMPERATURE = "softmax_temperature"
+CONFIDENCE_NOISE_SCALE = "confidence_noise_scale"
+NUM_TO_MASK = "num_to_mask"
+
+# scalar step inputs, named like the fields of `maskbit_runtime.schedules.StepParams`
+STEP_SCALARS = (GUIDANCE_SCALE, SOFTMAX_TEMPERATURE, CONFIDENCE_NOISE_SCALE, NUM_TO_MASK)
+
+
 def _t(name: str, dtype: str, *shape) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(shape))
 
 
 ENCODER = ComponentSpec(
     "encoder",
-    inputs=(_t("images", "float32", BATCH, 3, "H", "H"),),
-    outputs=(_t("indices", "int64", BATCH, "h", "h"),),
+    inputs=(_t(IMAGES, "float32", BATCH, 3, "H", "H"),),
+    outputs=(_t(INDICES, "int64", BATCH, "h", "h"),),
     needs_generator=False)
 
 DECODER = ComponentSpec(
     "decoder",
-    inputs=(_t("indices", "int64", BATCH, "h", "h"),),
-    outputs=(_t("images", "uint8", BATCH, "H", "H", 3),),
+    inputs=(_t(INDICES, "int64", BATCH, "h", "h"),),
+    outputs=(_t(IMAGES, "uint8", BATCH, "H", "H", 3),),
     needs_generator=False)
 
-STEP = ComponentSpec(
-    "step",
-    inputs=(_t("tokens", "int64", BATCH, "N", "M"), _t("labels", "int64", BATCH),
-            _t("noise", "float32", BATCH, "N", "M", 2), _t("guidance_scale", "float32"),
-            _t("softmax_temperature", "float32"), _t("confidence_noise_scale", "float32"),
-            _t("num_to_mask", "int64")),
-    outputs=(_t("next_tokens", "int64", BATCH, "N", "M"), _t("sampled", "int64", BATCH, "N", "M")),
-    needs_generator=True)
+_STEP_INPUTS = (_t(TOKENS, "int64", BATCH, "N", "M"), _t(LABELS, "int64", BATCH),
+                _t(NOISE, "float32", BATCH, "N", "M", 2), _t(GUIDANCE_SCALE, "float32"),
+                _t(SOFTMAX_TEMPERATURE, "float32"), _t(CONFIDENCE_NOISE_SCALE, "float32"),
+                _t(NUM_TO_MASK, "int64"))
+_STEP_OUTPUTS = (_t(NEXT_TOKENS, "int64", BATCH, "N", "M"), _t(SAMPLED, "int64", BATCH, "N", "M"))
+
+STEP = ComponentSpec("step", inputs=_STEP_INPUTS, outputs=_STEP_OUTPUTS, needs_generator=True)
+
+# the same step without classifier-free guidance (the conditional half only): used when the guidance scale
+# is 0, so such generations do not pay for the unconditional forward; `guidance_scale` is accepted and ignored
+STEP_UNGUIDED = ComponentSpec("step_unguided", inputs=_STEP_INPUTS, outputs=_STEP_OUTPUTS, needs_generator=True)
 
 TRANSFORMER = ComponentSpec(
     "transformer",
-    inputs=(_t("tokens", "int64", BATCH, "N", "M"), _t("labels", "int64", BATCH),
-            _t("drop_label_mask", "bool", BATCH)),
-    outputs=(_t("logits", "float32", BATCH, "N", "M", "C"),),
+    inputs=(_t(TOKENS, "int64", BATCH, "N", "M"), _t(LABELS, "int64", BATCH),
+            _t(DROP_LABEL_MASK, "bool", BATCH)),
+    outputs=(_t(LOGITS, "float32", BATCH, "N", "M", "C"),),
     needs_generator=True)
 
 # the last step's sampled groups -> token indices for the decoder, without leaving the device
 COMBINE = ComponentSpec(
     "combine",
-    inputs=(_t("groups", "int64", BATCH, "N", "M"),),
-    outputs=(_t("indices", "int64", BATCH, "h", "h"),),
+    inputs=(_t(GROUPS, "int64", BATCH, "N", "M"),),
+    outputs=(_t(INDICES, "int64", BATCH, "h", "h"),),
     needs_generator=True)
 
-COMPONENTS: Mapping[str, ComponentSpec] = {c.name: c for c in (ENCODER, DECODER, STEP, TRANSFORMER, COMBINE)}
-
-# scalar step inputs in the order of `maskbit_runtime.schedules.StepParams`
-STEP_SCALARS = ("guidance_scale", "softmax_temperature", "confidence_noise_scale", "num_to_mask")
+COMPONENTS: Mapping[str, ComponentSpec] = {c.name: c for c in (ENCODER, DECODER, STEP, STEP_UNGUIDED, TRANSFORMER,
+                                                                COMBINE)}
+# written into every bundle (generator components only with a generator); the rest only on request
+DEFAULT_COMPONENTS = ("encoder", "decoder", "step", "step_unguided", "combine")
+OPTIONAL_COMPONENTS = ("transformer",)   # raw logits for verification and benchmarks; repeats the step's weights

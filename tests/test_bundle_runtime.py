@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import maskbit
-from maskbit_export import build_bundle
-from maskbit_runtime import BundleError, Pipeline
+from maskbit_export import ExportOptions, build_bundle
+from maskbit_runtime import BundleError, InputError, Pipeline
 from maskbit_runtime.manifest import MANIFEST
 
 GENERATOR_PRESETS = ["tiny_lfq10", "tiny_lfq6_g1", "tiny_lfq9_g3", "tiny_lfq8_prenorm"]
@@ -32,7 +32,7 @@ def bundles(tmp_path_factory):
     built = {}
     for preset in GENERATOR_PRESETS:
         tok, gen = _models(preset)
-        build_bundle(root / preset, tok, gen, maskbit.get_preset(preset), max_batch=2, verify=preset == "tiny_lfq10")
+        build_bundle(root / preset, tok, gen, options=ExportOptions(max_batch=2, verify=preset == "tiny_lfq10"))
         built[preset] = (root / preset, tok, gen)
     return built
 
@@ -56,10 +56,11 @@ def test_verification_is_recorded_in_the_manifest(bundles):
     data = json.loads((path / MANIFEST).read_text())
     report = data["verification"]
     assert report["performed"] and report["generation"]["passed"] and report["generation"]["mismatch_fraction"] == 0
-    assert set(report["components"]) == {"encoder", "decoder", "step", "transformer", "combine"}
+    assert set(report["components"]) == {"encoder", "decoder", "step", "step_unguided", "combine"}
+    assert report["generation_unguided"]["passed"] and report["generation_unguided"]["guidance_scale"] == 0
     assert all(c["passed"] for c in report["components"].values())
     step = data["components"]["step"]
-    assert step["batch_profile"] == {"min": 1, "opt": 1, "max": 2}
+    assert step["batch_profile"] == {"min": 1, "opt": 2, "max": 2}      # engines are tuned for the largest batch
     assert [t["name"] for t in step["inputs"]][:3] == ["tokens", "labels", "noise"]
     assert step["inputs"][0]["shape"] == ["batch", 64, 2] and len(step["file_sha256"]) == 64
     assert data["sampling"]["num_steps"] == 8 and "torch" in data["provenance"]["tools"]
@@ -120,7 +121,7 @@ def test_generation_never_imports_torch_or_onnx(bundles):
 @pytest.fixture
 def tokenizer_bundle(tmp_path):
     tok = maskbit.build_tokenizer("tiny_vq")
-    build_bundle(tmp_path / "tb", tok, None, maskbit.get_preset("tiny_vq"), max_batch=2)
+    build_bundle(tmp_path / "tb", tok, None, options=ExportOptions(max_batch=2))
     return tmp_path / "tb", tok
 
 
@@ -139,8 +140,10 @@ def test_tampered_file_is_refused_naming_it(tokenizer_bundle):
     data = bytearray((path / "decoder.onnx").read_bytes())
     data[-10] ^= 0xFF
     (path / "decoder.onnx").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"decoder\.onnx does not match its sha256"):
-        Pipeline.load(path)
+    with Pipeline.load(path) as pipe:                 # files are hashed when first used, not at load
+        pipe.encode(np.zeros((1, 32, 32, 3), np.uint8))
+        with pytest.raises(BundleError, match=r"decoder\.onnx does not match its sha256"):
+            pipe.decode(np.zeros((1, 8, 8), np.int64))
 
 
 def test_truncated_bundle_is_refused(tokenizer_bundle):
@@ -158,7 +161,7 @@ def test_unknown_format_version_is_refused(tokenizer_bundle):
     data = json.loads((path / MANIFEST).read_text())
     data["format_version"] = 99
     (path / MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(BundleError, match="format version 99; this runtime reads version 1"):
+    with pytest.raises(BundleError, match="format version 99; this runtime reads versions 1, 2"):
         Pipeline.load(path)
 
 
@@ -174,16 +177,16 @@ def test_an_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monke
     monkeypatch.setattr(bundle_module, "export_onnx", failing)
     tok, gen = _models("tiny_lfq6_g1")
     with pytest.raises(KeyboardInterrupt):
-        build_bundle(tmp_path / "b", tok, gen, maskbit.get_preset("tiny_lfq6_g1"), verify=False)
+        build_bundle(tmp_path / "b", tok, gen, options=ExportOptions(verify=False))
     assert list(tmp_path.iterdir()) == []          # neither the bundle nor its temporary directory
 
 
 def test_existing_output_needs_force(tokenizer_bundle):
     path, tok = tokenizer_bundle
-    with pytest.raises(FileExistsError, match="--force"):
-        build_bundle(path, tok, None, maskbit.get_preset("tiny_vq"))
-    build_bundle(path, tok, None, maskbit.get_preset("tiny_vq"), force=True, verify=False)
-    assert Pipeline.load(path).manifest.data["verification"] == {"performed": False}
+    with pytest.raises(InputError, match="--force"):
+        build_bundle(path, tok, None)
+    build_bundle(path, tok, None, options=ExportOptions(verify=False), force=True)
+    assert Pipeline.load(path).manifest.verification == {"performed": False}
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
@@ -210,5 +213,14 @@ def test_bitflip_flips_exactly_one_bit_of_every_token(bundles):
 
 def test_class_names_must_match_the_generator(tmp_path):
     tok, gen = _models("tiny_lfq6_g1")
-    with pytest.raises(ValueError, match="2 class names given for a 1000-class generator"):
-        build_bundle(tmp_path / "b", tok, gen, maskbit.get_preset("tiny_lfq6_g1"), class_names=["a", "b"])
+    with pytest.raises(ValueError, match="2 class names for 1000 classes"):
+        build_bundle(tmp_path / "b", tok, gen, class_names=["a", "b"])
+
+
+def test_guidance_zero_runs_only_the_unguided_step_and_matches_eager(bundles):
+    path, tok, gen = bundles["tiny_lfq9_g3"]
+    eager = maskbit.generate(tok, gen, labels=[1, 2, 5], num_steps=5, guidance_scale=0.0, seed=3)
+    with Pipeline.load(path) as pipe:
+        out = pipe.generate(labels=[1, 2, 5], num_steps=5, guidance_scale=0.0, seed=3)
+        assert {variant for variant, _ in pipe.backend._steppers} == {"step_unguided"}
+    np.testing.assert_array_equal(out.tokens, eager.tokens)

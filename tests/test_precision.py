@@ -1,6 +1,4 @@
-"""Reduced-precision export (`--precision int8`): quantized graphs, the teacher-forced agreement gate, the runtime."""
-
-import shutil
+"""Reduced-precision export (`--precision int8`): quantized graphs, the distribution gate, the runtime."""
 
 import numpy as np
 import onnx
@@ -9,8 +7,8 @@ import torch
 from click.testing import CliRunner
 
 import maskbit
-from maskbit_export import PRECISIONS, VerificationError, build_bundle
-from maskbit_export import bundle as bundle_module
+from maskbit_export import PRECISIONS, ExportOptions, VerificationError, build_bundle
+from maskbit_export import quality
 from maskbit_export.cli import main as export_cli
 from maskbit_export.quantize import weight_matmuls
 from maskbit_export.verify import teacher_forced_agreement
@@ -30,7 +28,7 @@ def models():
 def int8_bundle(models, tmp_path_factory):
     tok, gen = models
     path = tmp_path_factory.mktemp("int8") / "bundle"
-    build_bundle(path, tok, gen, maskbit.get_preset(PRESET), max_batch=2, precision="int8")
+    build_bundle(path, tok, gen, options=ExportOptions(max_batch=2, precision="int8"))
     return path
 
 
@@ -42,20 +40,23 @@ def test_int8_is_an_export_option():
 
 def test_int8_bundle_quantizes_the_generator_and_keeps_the_sensitive_layers(int8_bundle):
     manifest = Pipeline.load(int8_bundle).manifest
-    precisions = {name: entry["precision"] for name, entry in manifest.components.items()}
-    assert precisions == {"encoder": "fp32", "decoder": "fp32", "step": "int8", "transformer": "int8",
-                          "combine": "fp32"}
-    model = onnx.load(str(int8_bundle / "step.onnx"))
+    precisions = {name: entry.precision for name, entry in manifest.components.items()}
+    assert precisions == {"encoder": "fp32", "decoder": "fp32", "step": "int8", "step_unguided": "int8",
+                          "combine": "fp32"}                 # the gate's transformer graph is not kept
+    assert not (int8_bundle / "transformer.onnx").exists()
+    model = onnx.load(str(int8_bundle / "step.onnx"))     # reads the shared generator.weights too
     ops = {n.op_type for n in model.graph.node}
     assert ops & {"DynamicQuantizeMatMul", "MatMulInteger"}
     assert len(weight_matmuls(model)) == 3          # input projection, last layer and prediction layer stay float32
 
 
-def test_int8_verification_records_the_agreement_gate(int8_bundle):
-    report = Pipeline.load(int8_bundle).manifest.data["verification"]
-    agreement = report["agreement"]
-    assert agreement["passed"] and agreement["agreement"] >= agreement["minimum"] == 0.99
-    assert agreement["num_steps"] == 64 and agreement["drawn_groups"] > 0
+def test_int8_verification_records_the_distribution_gate(int8_bundle):
+    report = Pipeline.load(int8_bundle).manifest.verification
+    gate = report["distribution"]
+    assert gate["passed"] and gate["gate"] == quality.GATES["int8"]
+    assert 0 < gate["tv_mean"] <= gate["gate"]["tv_mean"] and gate["tv_worst_step"] >= gate["tv_mean"]
+    assert gate["num_steps"] == 8 and gate["drawn_groups"] > 0 and "avx2" in gate["cpu_flags"]
+    assert 0 < report["agreement"]["agreement"] <= 1                   # still reported, no longer gated
 
 
 def test_int8_bundle_generates(int8_bundle):
@@ -78,12 +79,24 @@ def test_agreement_counts_only_drawn_groups(models, int8_bundle):
     assert teacher_forced_agreement(step, Wrong(), [1], plan, seed=0)["agreement"] == 0.0
 
 
-def test_build_fails_below_the_agreement_minimum(int8_bundle, models, tmp_path, monkeypatch):
+def test_distances_are_zero_for_equal_models_and_grow_with_the_difference():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 6, 2, 8)).astype(np.float32)          # doubled batch of 2
+    p = quality.guided_probs(logits, 2, 3.0, 1.0)
+    np.testing.assert_allclose(p.sum(-1), 1.0)
+    drawn = np.ones((2, 6, 2), bool)
+    tv, kl = quality.distances(p, p, drawn)
+    assert tv.max() == 0 and abs(kl).max() < 1e-12
+    far = quality.guided_probs(logits + rng.standard_normal(logits.shape).astype(np.float32), 2, 3.0, 1.0)
+    near = quality.guided_probs(logits + 0.01 * rng.standard_normal(logits.shape).astype(np.float32), 2, 3.0, 1.0)
+    assert 0 < quality.distances(p, near, drawn)[0].mean() < quality.distances(p, far, drawn)[0].mean() <= 1
+    one_hot = np.eye(8)[None, None, None].repeat(2, 0).repeat(6, 1).repeat(2, 2)[..., 0, :]
+    assert quality.distances(one_hot, np.roll(one_hot, 1, -1), drawn)[0].min() == 1.0   # disjoint: TV = 1
+
+
+def test_build_fails_when_the_distribution_gate_fails(models, tmp_path, monkeypatch):
     tok, gen = models
-    copy = tmp_path / "bundle"
-    shutil.copytree(int8_bundle, copy)
-    monkeypatch.setitem(bundle_module.MIN_AGREEMENT, "int8", 1.01)
-    monkeypatch.setattr(bundle_module, "AGREEMENT_STEPS", 4)
-    with pytest.raises(VerificationError, match="float32 group"):
-        bundle_module._verify_all(copy, ["step"], tok, gen, bundle_module.dims_of(tok, gen), tok.config.codebook_size,
-                                  gen.config.num_classes, "int8", 2, lambda message: None)
+    monkeypatch.setitem(quality.GATES, "int8", {"tv_mean": 1e-9, "tv_worst_step": 1e-9})
+    with pytest.raises(VerificationError, match="sampling distributions are too far from float32's"):
+        build_bundle(tmp_path / "b", tok, gen, options=ExportOptions(max_batch=2, precision="int8"))
+    assert list(tmp_path.iterdir()) == []                 # nothing half-written is left

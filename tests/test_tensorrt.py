@@ -9,6 +9,7 @@ ONNX Runtime CUDA pipelines with the eager sampler token for token.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import json
 import shutil
@@ -24,7 +25,7 @@ from maskbit_export.tensorrt import SAMPLER_INPUTS, downstream_of
 from maskbit_runtime import Pipeline
 from maskbit_runtime.backends import BackendError, open_backend
 from maskbit_runtime.backends.tensorrt import check_engines
-from maskbit_runtime.manifest import Manifest, write_manifest
+from maskbit_runtime.manifest import Manifest
 
 import maskbit
 
@@ -59,18 +60,24 @@ def models():
     return maskbit.build_tokenizer("tiny_lfq10"), maskbit.build_generator("tiny_lfq10")
 
 
-@pytest.fixture(scope="module")
-def cli_run(models, tmp_path_factory):
-    """`maskbit-export build-engines --backend tensorrt` on saved tiny checkpoints (max batch 4)."""
+def _export(models, root, *extra):
+    """`maskbit-export build-engines` on saved tiny checkpoints (max batch 4)."""
     tok, gen = models
-    root = tmp_path_factory.mktemp("trt")
     preset = maskbit.get_preset("tiny_lfq10")
     maskbit.save_tokenizer(tok, root / "tok.safetensors", preset)
     maskbit.save_generator(gen, root / "gen.safetensors", preset)
     out = root / "bundle"
     result = CliRunner().invoke(export_cli, [
         "build-engines", "--tokenizer", str(root / "tok.safetensors"), "--generator", str(root / "gen.safetensors"),
-        "--config", "tiny_lfq10", "--out", str(out), "--max-batch", "4", "--backend", "tensorrt", "--no-verify"])
+        "--config", "tiny_lfq10", "--out", str(out), "--max-batch", "4", "--no-verify", *extra])
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def cli_run(models, tmp_path_factory):
+    """An ONNX bundle, exported by the CLI."""
+    out, result = _export(models, tmp_path_factory.mktemp("onnx"))
+    assert result.exit_code == 0, result.output
     return out, result
 
 
@@ -84,15 +91,19 @@ def eager(models):
 
 
 @pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT is installed here; this checks the error without it")
-def test_build_engines_without_tensorrt_fails_in_one_line_and_keeps_the_onnx_bundle(cli_run):
-    out, result = cli_run
+def test_build_engines_without_tensorrt_fails_in_one_line_before_exporting(models, tmp_path):
+    out, result = _export(models, tmp_path, "--backend", "tensorrt")
     assert result.exit_code == 1, result.output
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("Error: ") and "pip install 'maskbit[tensorrt]'" in error
     assert "Traceback" not in result.output + result.stderr
-    manifest = Manifest.load(out)                      # complete, hashes match
-    assert {"encoder", "decoder", "step", "combine"} <= set(manifest.components)
-    assert not any("engine" in entry for entry in manifest.components.values())
+    assert not out.exists() and "exporting" not in result.stderr        # failed before the long export
+
+
+def test_engine_precision_needs_the_tensorrt_backend(models, tmp_path):
+    out, result = _export(models, tmp_path, "--engine-precision", "bf16")
+    assert result.exit_code == 2 and "--engine-precision applies to engines" in result.output
+    assert not out.exists()
 
 
 @pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT is installed here; this checks the error without it")
@@ -104,33 +115,36 @@ def test_tensorrt_backend_without_tensorrt_names_the_extra(cli_run):
         Pipeline.load(out, backend="tensorrt")
 
 
-def _fake_manifest(tmp_path, **engine_fields) -> Manifest:
-    entry = {"engine": "step.engine", "tensorrt_version": "10.3.0",
-             "gpu": {"name": "NVIDIA H200", "compute_capability": "9.0"}}
-    entry.update(engine_fields)
-    components = {name: dict(entry, engine=f"{name}.engine") for name in ("encoder", "decoder", "step", "combine")}
-    return Manifest(tmp_path, {"components": components})
+def _fake_manifest(bundle, **engine_fields) -> Manifest:
+    """The tiny bundle's manifest as if engines had been built for an H200 with TensorRT 10.3.0."""
+    fields = {"tensorrt_version": "10.3.0", "gpu": {"name": "NVIDIA H200", "compute_capability": "9.0"},
+              **engine_fields}
+    manifest = Manifest.load(bundle)
+    return manifest.replace(components={
+        name: dataclasses.replace(entry, engine=f"{name}.engine", engine_sha256="0" * 64, **fields)
+        for name, entry in manifest.components.items()})
 
 
-def test_engines_for_this_gpu_and_version_pass(tmp_path):
-    check_engines(_fake_manifest(tmp_path), "10.3.0", {"name": "NVIDIA H200", "compute_capability": "9.0"})
+def test_engines_for_this_gpu_and_version_pass(cli_run):
+    check_engines(_fake_manifest(cli_run[0]), "10.3.0", {"name": "NVIDIA H200", "compute_capability": "9.0"})
 
 
 @pytest.mark.parametrize("version, gpu, found", [
     ("10.3.0", {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}, "this is GPU NVIDIA A100"),
     ("10.7.0", {"name": "NVIDIA H200", "compute_capability": "9.0"}, "(TensorRT 10.7.0)")])
-def test_engines_for_another_gpu_or_version_are_refused(tmp_path, version, gpu, found):
+def test_engines_for_another_gpu_or_version_are_refused(cli_run, version, gpu, found):
     with pytest.raises(BackendError) as info:
-        check_engines(_fake_manifest(tmp_path), version, gpu)
+        check_engines(_fake_manifest(cli_run[0]), version, gpu)
     message = str(info.value)
     assert "was built for GPU NVIDIA H200 (compute capability 9.0) (TensorRT 10.3.0)" in message
     assert found in message and message.endswith("rebuild with maskbit-export build-engines --backend tensorrt")
 
 
-def test_bundle_without_engines_says_how_to_build_them(tmp_path):
-    manifest = _fake_manifest(tmp_path)
-    for name in ("decoder", "step"):
-        del manifest.components[name]["engine"]
+def test_bundle_without_engines_says_how_to_build_them(cli_run):
+    manifest = _fake_manifest(cli_run[0])
+    manifest = manifest.replace(components={
+        name: dataclasses.replace(entry, engine=None) if name in ("decoder", "step") else entry
+        for name, entry in manifest.components.items()})
     with pytest.raises(BackendError, match="no TensorRT engine for decoder, step; build them with maskbit-export"):
         check_engines(manifest, "10.3.0", {"name": "NVIDIA H200", "compute_capability": "9.0"})
 
@@ -224,8 +238,8 @@ def test_reduced_precision_pins_the_sampler_not_the_transformer(cli_run):
 
 
 @pytest.fixture(scope="module")
-def trt_bundle(cli_run):
-    out, result = cli_run
+def trt_bundle(models, tmp_path_factory):
+    out, result = _export(models, tmp_path_factory.mktemp("trt"), "--backend", "tensorrt")
     assert result.exit_code == 0, result.output + result.stderr
     return out
 
@@ -238,8 +252,8 @@ class TestTensorRT:
     def test_engines_are_recorded_in_the_manifest(self, trt_bundle):
         manifest = Manifest.load(trt_bundle)
         for name, entry in manifest.components.items():
-            assert entry["engine"] == f"{name}.engine" and entry["engine_precision"] == "fp32", name
-            assert entry["tensorrt_version"] and entry["gpu"]["compute_capability"]
+            assert entry.engine == f"{name}.engine" and entry.engine_precision == "fp32", name
+            assert entry.tensorrt_version and entry.gpu["compute_capability"]
 
     def test_generation_matches_eager_tokens(self, trt_bundle, eager):
         with Pipeline.load(trt_bundle, backend="tensorrt") as pipe:
@@ -254,7 +268,7 @@ class TestTensorRT:
         expected = maskbit.generate(tok, gen, labels=labels, seed=0, num_steps=STEPS).tokens
         with Pipeline.load(trt_bundle, backend="tensorrt") as pipe:
             tokens = pipe.generate(labels=labels, seed=0, num_steps=STEPS).tokens
-            assert sorted(pipe.backend._steppers) == [2, 4]
+            assert sorted(batch for _, batch in pipe.backend._steppers) == [2, 4]
         np.testing.assert_array_equal(tokens, expected)
 
     def test_encode_and_decode_match_onnx_runtime(self, trt_bundle, eager):
@@ -270,7 +284,7 @@ class TestTensorRT:
         shutil.copytree(trt_bundle, copy)
         data = json.loads((copy / "manifest.json").read_text())
         data["components"]["step"]["gpu"] = {"name": "Imaginary GPU 9000", "compute_capability": "1.0"}
-        write_manifest(copy, data)
+        (copy / "manifest.json").write_text(json.dumps(data))
         with pytest.raises(BackendError, match=r"engine step.engine was built for GPU Imaginary GPU 9000 .* "
                                                r"rebuild with maskbit-export build-engines --backend tensorrt"):
             Pipeline.load(copy, backend="tensorrt")
@@ -283,7 +297,7 @@ def test_onnx_runtime_cuda_generation_matches_eager_tokens(cli_run, eager):
         pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider and a CUDA GPU (pip install 'maskbit[gpu]')")
     out, _ = cli_run
     with Pipeline.load(out, backend="ort", providers=["CUDAExecutionProvider", "CPUExecutionProvider"]) as pipe:
-        assert pipe.backend.device == "cuda"
+        assert pipe.backend.backend.device == "cuda"
         result = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
     np.testing.assert_array_equal(result.tokens, eager.tokens)
     assert np.abs(result.images.astype(np.int16) - eager.images.astype(np.int16)).max() <= 1

@@ -1,9 +1,8 @@
-"""TensorRT backend: one engine and execution context per component, device buffers allocated once per batch.
+"""TensorRT primitives: one engine and execution context per component, cuda-python device buffers.
 
-The step's two token buffers ping-pong: each step reads `tokens` from one buffer and writes `next_tokens` into
-the other, and the next step swaps the two tensor addresses (`set_tensor_address`), so the state never leaves
-the device and is never copied. Per step only the noise and four scalars go host -> device; at the end combine
-and decoder run on the device and only the images and token indices come back.
+The shared executor (`base.Executor`) drives these: its two step bindings differ only in which token buffer is
+`tokens` and which is `next_tokens`, and running a binding points the context's tensor addresses at its
+buffers (`set_tensor_address`), so the state never leaves the device and is never copied.
 
 Engines are tied to the TensorRT version and the GPU they were built on; before any engine is deserialized the
 manifest's record of both is compared with this machine's. TensorRT and cuda-python are imported only when the
@@ -12,17 +11,18 @@ backend is opened: pip install 'maskbit[tensorrt]' and 'maskbit[gpu]'.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from ..manifest import Manifest
-from ..schedules import StepParams
-from ..specs import COMPONENTS, DECODER, ENCODER, STEP, STEP_SCALARS, ComponentSpec
+from ..specs import COMPONENTS, ComponentSpec
 from .base import BackendError
 from .cuda import Device, Stream, gpu_info
 
 REBUILD = "rebuild with maskbit-export build-engines --backend tensorrt"
 # components the runtime executes; the raw transformer's engine serves verification and benchmarks only
-RUNTIME_COMPONENTS = ("encoder", "decoder", "step", "combine")
+RUNTIME_COMPONENTS = ("encoder", "decoder", "step", "step_unguided", "combine")
 
 
 def import_tensorrt():
@@ -59,19 +59,19 @@ def describe_gpu(gpu: dict) -> str:
 def check_engines(manifest: Manifest, tensorrt_version: str, gpu: dict) -> None:
     """Raise BackendError unless every component the runtime needs has an engine built for this TensorRT and GPU."""
     components = manifest.components
-    missing = [name for name in RUNTIME_COMPONENTS if name in components and "engine" not in components[name]]
+    missing = [name for name in RUNTIME_COMPONENTS if name in components and components[name].engine is None]
     if missing:
         raise BackendError(f"bundle {manifest.root} has no TensorRT engine for {', '.join(missing)}; build them "
                            f"with maskbit-export build-engines --backend tensorrt "
                            f"(or maskbit_export.tensorrt.build_engines)")
     for entry in components.values():
-        if "engine" not in entry:
+        if entry.engine is None:
             continue
-        built_version, built_gpu = entry.get("tensorrt_version"), entry.get("gpu") or {}
+        built_version, built_gpu = entry.tensorrt_version, entry.gpu or {}
         same_gpu = (built_gpu.get("name"), built_gpu.get("compute_capability")) == \
             (gpu["name"], gpu["compute_capability"])
         if built_version != tensorrt_version or not same_gpu:
-            raise BackendError(f"engine {entry['engine']} was built for GPU {describe_gpu(built_gpu)} (TensorRT "
+            raise BackendError(f"engine {entry.engine} was built for GPU {describe_gpu(built_gpu)} (TensorRT "
                                f"{built_version}) but this is GPU {describe_gpu(gpu)} (TensorRT {tensorrt_version}); "
                                f"{REBUILD}")
 
@@ -130,7 +130,7 @@ class Engine:
         self.engine = None
 
 
-class TensorRTBackend:
+class TensorRTPrimitives:
     name = "tensorrt"
 
     def __init__(self, manifest: Manifest, device: int = 0):
@@ -143,8 +143,7 @@ class TensorRTBackend:
         self.logger = collecting_logger(self.trt)
         self.runtime = self.trt.Runtime(self.logger)
         self._engines: dict[str, Engine] = {}
-        self._steppers: dict[int, TensorRTStepper] = {}
-        self._buffers: dict[tuple[str, int], dict[str, Device]] = {}
+        self._buffers: list[Device] = []
 
     def engine(self, component: str) -> Engine:
         if component not in self._engines:
@@ -152,110 +151,50 @@ class TensorRTBackend:
                                               self.logger)
         return self._engines[component]
 
-    def buffers(self, spec: ComponentSpec, batch: int) -> dict[str, Device]:
-        """Device buffers of all inputs and outputs of `spec` for one batch size, allocated once."""
-        key = (spec.name, batch)
-        if key not in self._buffers:
-            dims = self.manifest.dims
-            self._buffers[key] = {t.name: Device(dims.resolve(t.shape, batch), t.dtype, self.stream)
-                                  for t in spec.inputs + spec.outputs}
-        return self._buffers[key]
+    def allocate(self, shape: tuple[int, ...], dtype: str) -> Device:
+        buffer = Device(shape, dtype, self.stream)
+        self._buffers.append(buffer)
+        return buffer
 
-    def stepper(self, batch: int) -> TensorRTStepper:
-        if batch not in self._steppers:
-            self._steppers[batch] = TensorRTStepper(self, batch)
-        return self._steppers[batch]
+    def upload(self, buffer: Device, array: np.ndarray) -> None:
+        buffer.upload(array)
 
-    def finish(self, sampled: Device, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        decode = self.buffers(DECODER, batch)
-        combine = self.engine("combine")
-        combine.bind({"groups": sampled, "indices": decode["indices"]})   # combine writes the decoder's input
-        combine.run(self.stream)
-        decoder = self.engine("decoder")
-        decoder.bind(decode)
-        decoder.run(self.stream)
-        return decode["images"].download(), decode["indices"].download()
+    def download(self, buffer: Device) -> np.ndarray:
+        return buffer.download()
 
-    def _run_once(self, spec: ComponentSpec, array: np.ndarray) -> np.ndarray:
-        (source,), (target,) = spec.inputs, spec.outputs
-        buffers = self.buffers(spec, len(array))
-        buffers[source.name].upload(array)
-        engine = self.engine(spec.name)
-        engine.bind(buffers)
-        engine.run(self.stream)
-        return buffers[target.name].download()
+    def bind(self, component: str, buffers: Mapping[str, Device]) -> Binding:
+        return Binding(self.engine(component), dict(buffers))
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        return self._run_once(ENCODER, np.ascontiguousarray(images, np.float32))
-
-    def decode(self, indices: np.ndarray) -> np.ndarray:
-        return self._run_once(DECODER, np.ascontiguousarray(indices, np.int64))
+    def run(self, binding: Binding) -> None:
+        if binding.engine.owner is not binding:          # another binding used this context since
+            binding.engine.bind(binding.buffers, owner=binding)
+        binding.engine.run(self.stream)
 
     def describe(self) -> dict:
         return {"backend": self.name, "tensorrt": self.trt.__version__, "device": self.device,
                 "gpu": self.gpu["name"], "compute_capability": self.gpu["compute_capability"],
-                "engines": {k: v["engine"] for k, v in self.manifest.components.items() if "engine" in v}}
+                "engines": {k: v.engine for k, v in self.manifest.components.items() if v.engine}}
 
     def close(self) -> None:
         if getattr(self, "stream", None) is None:
             return
         self.stream.synchronize()
-        for stepper in self._steppers.values():
-            stepper.free()
-        for buffers in self._buffers.values():
-            for buffer in buffers.values():
-                buffer.free()
+        for buffer in self._buffers:
+            buffer.free()
         for engine in self._engines.values():
             engine.close()
-        self._steppers.clear()
         self._buffers.clear()
         self._engines.clear()
         self.stream.close()
         self.stream = None
 
 
-class TensorRTStepper:
-    """Device buffers of the step for one batch size; the token buffers ping-pong between steps."""
+class Binding:
+    """A component's tensors bound to buffers; `TensorRTPrimitives.run` points the context at them when needed."""
 
-    def __init__(self, backend: TensorRTBackend, batch: int):
-        dims = backend.manifest.dims
-        self.engine = backend.engine("step")
-        self.stream = backend.stream
-        buffer = lambda t: Device(dims.resolve(t.shape, batch), t.dtype, self.stream)
-        self.tokens = [buffer(STEP.input("tokens")), buffer(STEP.output("next_tokens"))]
-        self.sampled = buffer(STEP.output("sampled"))
-        self.inputs = {t.name: buffer(t) for t in STEP.inputs if t.name != "tokens"}
-        self.masked = np.full(self.tokens[0].shape, dims.group_classes, dtype=np.int64)   # C means masked
-        self.scalar_dtypes = {name: STEP.input(name).dtype for name in STEP_SCALARS}
-        self.parity = 0
-
-    def _bind(self) -> None:
-        self.engine.bind({"tokens": self.tokens[self.parity], "next_tokens": self.tokens[1 - self.parity],
-                          "sampled": self.sampled, **self.inputs}, owner=self)
-
-    def start(self, labels: np.ndarray) -> None:
-        self.parity = 0
-        self.tokens[0].upload(self.masked)
-        self.inputs["labels"].upload(np.ascontiguousarray(labels, dtype=np.int64))
-        self._bind()
-
-    def step(self, noise: np.ndarray, params: StepParams) -> None:
-        if self.engine.owner is not self:        # another batch size used the step context since start()
-            self._bind()
-        self.inputs["noise"].upload(noise)
-        for name, dtype in self.scalar_dtypes.items():
-            self.inputs[name].upload(np.array(getattr(params, name), dtype=dtype))
-        self.engine.point("tokens", self.tokens[self.parity])
-        self.engine.point("next_tokens", self.tokens[1 - self.parity])
-        self.engine.run(self.stream)
-        self.parity ^= 1
-
-    def result(self) -> Device:
-        return self.sampled
-
-    def free(self) -> None:
-        for buffer in (*self.tokens, self.sampled, *self.inputs.values()):
-            buffer.free()
+    def __init__(self, engine: Engine, buffers: dict[str, Device]):
+        self.engine = engine
+        self.buffers = buffers
 
 
 def _numpy_dtype(trt, dtype) -> np.dtype | str:
