@@ -139,5 +139,4 @@ def test_batch_size_option_splits(official_bundle, tmp_path):
 
 def test_build_bundle_rejects_mismatched_models(tmp_path):
     with pytest.raises(ValueError, match="predicts 6-bit tokens"):
-        build_bundle(tmp_path / "x", maskbit.build_tokenizer("tiny_lfq10"), maskbit.build_generator("tiny_lfq6_g1"),
-                     maskbit.get_preset("tiny_lfq10"))
+        build_bundle(tmp_path / "x", maskbit.build_tokenizer("tiny_lfq10"), maskbit.build_generator("tiny_lfq6_g1"))

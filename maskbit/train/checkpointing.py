@@ -1,16 +1,21 @@
 """Training checkpoints: `step-NNNNNNNN/` folders with safetensors for weights and `state.pt` for the rest.
 
-A folder is written under a temporary name and renamed with os.replace, so a killed run leaves either a complete
-checkpoint or none; only the newest `keep` are kept. `state.pt` holds plain containers and tensors only (optimisers,
-schedulers, RNG states, data position, step) and loads with `torch.load(weights_only=True)`.
+A folder is written under a unique temporary name (removed again if writing fails) and renamed with os.replace,
+so a killed run leaves either a complete checkpoint or none; only the newest `keep` are kept. Resuming takes the
+newest checkpoint that reads back completely and reports the ones it had to pass over. `state.pt` holds plain
+containers and tensors only (optimisers, schedulers, RNG states, data position, step) and loads with
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -61,17 +66,19 @@ def save(root: str | os.PathLike, step: int, weights: dict[str, dict[str, torch.
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, tensors in weights.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:08d}-", dir=root))
+    try:
+        for name, tensors in weights.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      str(tmp / f"{name}.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -87,8 +94,39 @@ def load(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], d
     return weights, state, meta
 
 
-def latest(root: str | os.PathLike) -> Path:
+STATE_KEYS = ("step", "optimizers", "schedulers", "data", "rng")
+
+
+def load_checked(path: Path, required: set[str]) -> tuple[dict, dict, dict]:
+    """`load` plus the checks a resume needs: every `required` weights file and every state key is present."""
+    from safetensors import SafetensorError
+    try:
+        weights, state, meta = load(path)
+    except (OSError, RuntimeError, EOFError, ValueError, SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile,
+            KeyError) as exc:
+        raise ResumeError(f"{path.name} is unreadable: {_first_line(exc)}") from None
+    missing = sorted(required - set(weights)) + [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(meta, dict):
+        raise ResumeError(f"{path.name} is incomplete (missing {', '.join(missing) or 'meta.json content'})")
+    return weights, state, meta
+
+
+def load_latest(root: str | os.PathLike, required: set[str]) -> tuple[Path, tuple[dict, dict, dict],
+                                                                     list[tuple[Path, str]]]:
+    """(path, (weights, state, meta), skipped) of the newest checkpoint that loads completely; `skipped` lists the
+    newer ones passed over with the reason. ResumeError when none is usable."""
     found = checkpoint_dirs(root)
     if not found:
         raise ResumeError(f"--resume: no checkpoint in {root} (expected {PREFIX}NNNNNNNN folders)")
-    return found[-1]
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            return path, load_checked(path, required), skipped
+        except ResumeError as exc:
+            skipped.append((path, str(exc)))
+    raise ResumeError(f"--resume: none of the {len(found)} checkpoints in {root} is usable; newest: {skipped[0][1]}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,14 +11,13 @@ import sys
 
 import click
 
-from ..checkpoints import CheckpointError
-from ..config import ConfigError
-from .checkpointing import ResumeError
-from .data import DataError
-from .perceptual import PerceptualWeightsMissing
+from maskbit_runtime.errors import MaskbitError
+
 from .runner import RunOptions
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ResumeError, PerceptualWeightsMissing)
+# the toolkit's own errors (ConfigError, DataError, CheckpointError, ResumeError, OutputDirError, ...) and failed
+# file operations are one line; anything else is a bug and keeps its traceback
+USER_ERRORS = (MaskbitError, OSError)
 
 
 def _common(fn):
@@ -62,6 +61,8 @@ def _run(train_fn, quiet: bool, threads: int | None, **kwargs) -> None:
             return
         if event["kind"] == "corrupt":
             click.echo(f"warning: skipped corrupt image {event['key']}: {event['reason']}", err=True)
+        elif event["kind"] == "skipped_checkpoint":
+            click.echo(f"warning: {event['reason']}; resuming from the older {event['resumed_from']}", err=True)
         elif event["kind"] == "eval" and not quiet:
             click.echo("eval step {}: {}".format(event["step"], json.dumps(
                 {k: round(v, 4) for k, v in event.items() if isinstance(v, float)})), err=True)
@@ -77,14 +78,21 @@ def _run(train_fn, quiet: bool, threads: int | None, **kwargs) -> None:
     try:
         result = train_fn(RunOptions(**kwargs), callback)
     except USER_ERRORS as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from None
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+            text = f"{exc.strerror or text}: {exc.filename}"
+        raise click.ClickException(text) from None
     finally:
         if bar is not None:
             bar.close()
     if main_rank:
+        if result.already_done:
+            click.echo(f"warning: the run in {result.output_dir} is already at step {result.steps}, at or past "
+                       f"--max-steps; nothing was trained or exported", err=True)
         summary = {"steps": result.steps, "export": str(result.export_path), "resumed_from": result.resumed_from,
                    "initial_eval": result.initial_eval, "final_eval": result.final_eval,
-                   "corrupt_images": result.corrupt_images}
+                   "corrupt_images": result.corrupt_images, "already_done": result.already_done,
+                   "skipped_checkpoints": [folder for folder, _ in result.skipped_checkpoints]}
         click.echo(json.dumps(summary, indent=1))
 
 

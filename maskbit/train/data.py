@@ -4,7 +4,9 @@ rank-sharded batch stream.
 Determinism: each epoch is a permutation drawn from (seed, epoch); rank r of W reads positions r, r+W, ... of it,
 so W ranks with batch b see the same images as one process with batch W*b. The crop and flip of a sample are drawn
 from a generator seeded by (seed, epoch, index), so they do not depend on the rank, on workers or on resumption.
-A corrupt image is skipped (the next sample takes its place) and counted.
+A corrupt image is skipped (the next sample takes its place) and counted, and so is one that cannot be used: more
+than `maskbit_runtime.images.MAX_PIXELS` pixels (a decompression bomb), or a mode refused by `to_rgb`, the one rule
+that turns every Pillow mode into RGB for the runtime and for training alike.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import glob
 import io
 import math
 import re
+import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from maskbit_runtime.errors import MaskbitError
+from maskbit_runtime.images import center_crop_resize, open_image, to_rgb
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -158,10 +162,12 @@ class Preprocess:
     def __call__(self, image: Image.Image, gen: torch.Generator) -> torch.Tensor:
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode
-        mode = InterpolationMode.BICUBIC if self.interpolation == "bicubic" else InterpolationMode.BILINEAR
+        bicubic = self.interpolation == "bicubic"
+        mode = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
         size = [self.resolution, self.resolution]
-        if not self.train or not self.random_crop:
-            image = TF.center_crop(TF.resize(image, self.resolution, interpolation=mode), size)
+        if not self.train or not self.random_crop:   # crop, then resize: a 1 x 400000 image stays cheap
+            resample = Image.Resampling.BICUBIC if bicubic else Image.Resampling.BILINEAR
+            image = center_crop_resize(image, self.resolution, resample)
         else:
             ratio = (3 / 4, 4 / 3) if self.aspect_ratio_aug else (1.0, 1.0)
             top, left, h, w = random_resized_crop_params(image.width, image.height, (self.min_scale, 1.0), ratio, gen)
@@ -187,19 +193,20 @@ class ImageSource:
         return len(self.records)
 
     def load(self, index: int) -> Image.Image | None:
+        """The RGB image of record `index`, or None (and an entry in `corrupt`) when it cannot be used."""
         record = self.records[index]
         try:
             if record.shard:
                 if record.shard not in self._tars:
                     self._tars[record.shard] = tarfile.open(record.shard)  # noqa: SIM115 (closed in close())
                 tar = self._tars[record.shard]
-                data = io.BytesIO(tar.extractfile(record.member).read())
-                image = Image.open(data)
-            else:
-                image = Image.open(record.key)
-            image.load()
-            return image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, tarfile.TarError) as exc:
+                with open_image(io.BytesIO(tar.extractfile(record.member).read()), record.key) as image:
+                    image.load()
+                    return to_rgb(image, record.key)
+            with open_image(record.key, record.key) as image:
+                image.load()
+                return to_rgb(image, record.key)
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error, tarfile.TarError, MaskbitError) as exc:
             self.corrupt[record.key] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return None
 

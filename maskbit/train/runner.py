@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..presets import resolve_config
-from . import checkpointing, distributed
+from . import checkpointing, distributed, rundir
 from .data import BatchStream, ImageSource, Preprocess, eval_batches, scan
 from .ema import EMA
 from .metrics import MetricsLog
@@ -74,6 +74,8 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     last_log: dict[str, float] = field(default_factory=dict)
     corrupt_images: int = 0
+    skipped_checkpoints: list[tuple[str, str]] = field(default_factory=list)   # (folder, why) passed over on resume
+    already_done: bool = False            # --resume found the run at or past max_train_steps: nothing was done
 
 
 def prepare(options: RunOptions, stage: str) -> tuple[ModelConfig, TrainSettings]:
@@ -169,6 +171,10 @@ def run(stage_cls: type[Stage], options: RunOptions, callback: Callable[[dict], 
 
 
 def _run(stage_cls, config, settings, options, dist, callback) -> TrainResult:
+    out = Path(options.output_dir)
+    run_id = rundir.identity(stage_cls.name, config.to_dict(), settings.to_dict())
+    if not options.resume:
+        rundir.check_new_run(out, run_id)
     records, num_classes = scan(options.data)
     eval_records = scan(options.eval_data)[0] if options.eval_data else records
     seed_everything(settings.seed + dist.rank)
@@ -181,12 +187,19 @@ def _run(stage_cls, config, settings, options, dist, callback) -> TrainResult:
     stream = BatchStream(source, _preprocess(settings, resolution, True), settings.per_gpu_batch_size,
                          settings.seed, dist.rank, dist.world_size)
     eval_source = ImageSource(eval_records)
-    out = Path(options.output_dir)
     ckpt_root = out / "checkpoints"
-    step, resumed_from = 0, None
+    step, resumed_from, skipped = 0, None, []
     if options.resume:
-        weights, state, _ = checkpointing.load(checkpointing.latest(ckpt_root))
+        required = set(stage.modules) | ({"ema"} if ema is not None else set())
+        path, (weights, state, meta), skipped = checkpointing.load_latest(ckpt_root, required)
+        for folder, why in skipped:
+            callback({"kind": "skipped_checkpoint", "path": str(folder), "reason": why, "resumed_from": path.name})
+        rundir.check_resumed_run(out, run_id, meta, path)
         step = resumed_from = int(state["step"])
+        if step >= settings.max_train_steps:      # nothing to train: write nothing, export nothing
+            export = out / f"{stage.name}.safetensors"
+            return TrainResult(out, export if export.is_file() else None, step, resumed_from,
+                               skipped_checkpoints=[(str(f), w) for f, w in skipped], already_done=True)
         for name, module in stage.modules.items():
             module.load_state_dict(weights[name])
         for name, opt in stage.optimizers.items():
@@ -198,6 +211,9 @@ def _run(stage_cls, config, settings, options, dist, callback) -> TrainResult:
         stream.load_state(state["data"][dist.rank] if dist.world_size == len(state["data"]) else state["data"][0])
         checkpointing.set_rng_state(state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0])
         source.corrupt.update(dict.fromkeys(state.get("corrupt", []), "seen before"))
+    elif dist.is_main:
+        rundir.write_run_file(out, run_id)
+    distributed.barrier(dist)
     log = MetricsLog(out, resumed_from) if dist.is_main else None
 
     def evaluate() -> dict[str, float]:
@@ -207,7 +223,7 @@ def _run(stage_cls, config, settings, options, dist, callback) -> TrainResult:
         with torch.no_grad(), stage.autocast():
             return stage.evaluate(model, batches)
 
-    result = TrainResult(out, None, step, resumed_from)
+    result = TrainResult(out, None, step, resumed_from, skipped_checkpoints=[(str(f), w) for f, w in skipped])
     if dist.is_main and step == 0 and settings.eval_every > 0:
         result.initial_eval = evaluate()
         log.write({"step": 0, "kind": "eval", **result.initial_eval})

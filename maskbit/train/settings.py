@@ -127,6 +127,7 @@ def _default(f: dataclasses.Field, stage: str):
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings) if "path" in f.metadata}
 _BY_PATH = {f.metadata["path"]: f for f in _FIELDS.values()}
+SETTING_PATHS = {name: f.metadata["path"] for name, f in _FIELDS.items()}   # field -> official dotted path
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str):
