@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -10,45 +9,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .backends import BACKENDS
-from .errors import MaskbitError
-
-DEMO_BUNDLE = Path(__file__).parent / "demo" / "bundle"
-
-
-def one_line_errors(fn):
-    """The toolkit's own errors (MaskbitError) and failed file operations (OSError) become one line on stderr
-    and exit status 1. Anything else is a bug and keeps its traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except (MaskbitError, OSError) as exc:
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
-                text = f"{exc.strerror or text}: {exc.filename}"
-            raise click.ClickException(text) from None
-    return wrapper
-
-
-def _pipeline(bundle: Path | None, backend: str):
-    from .pipeline import Pipeline
-    if bundle is None:
-        if not (DEMO_BUNDLE / "manifest.json").is_file():
-            raise ValueError("no --bundle given and this installation ships no demo bundle; "
-                             "build one with `maskbit-export build-engines`")
-        bundle = DEMO_BUNDLE
-    return Pipeline.load(bundle, backend=backend)
-
-
-bundle_option = click.option("--bundle", type=click.Path(path_type=Path), default=None,
-                             help="Bundle directory from `maskbit-export build-engines` (default: the demo bundle).")
-backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
-                              help="Execution backend: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu) or TensorRT.")
-batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                            help="Images per run (default and upper limit: the bundle's max batch).")
+from .cli_common import (DEMO_BUNDLE, backend_option, batch_option, bundle_option, one_line_errors,  # noqa: F401
+                         open_pipeline, sampling_options)
+from .errors import InputError
+from .sample_cli import sample
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,35 +20,35 @@ def main():
     """Run MaskBit bundles without PyTorch: generate images, encode, decode and reconstruct."""
 
 
+main.add_command(sample)
+
+
 @main.command()
 @bundle_option
 @click.option("--labels", required=True,
               help='Comma-separated class indices or names, one image each: "1,7,282" or "goldfish,tiger cat".')
-@click.option("--num-steps", type=click.IntRange(min=1), default=None, help="Unmasking steps (default: bundle's).")
-@click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance scale (default: bundle's).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Noise seed.")
+@sampling_options
+@click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=0, show_default=True, help="Noise seed.")
 @batch_option
 @backend_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("maskbit_samples.png"), show_default=True,
               help="A .png file gets one grid; a directory gets one PNG per image.")
 @one_line_errors
-def generate(bundle, labels, num_steps, guidance_scale, seed, batch_size, backend, out):
+def generate(bundle, labels, seed, batch_size, backend, out, **sampling):
     """Generate one image per label."""
     from tqdm import tqdm
 
     from .images import save_images
     from .labels import label_name, parse_labels
-    with _pipeline(bundle, backend) as pipe:
-        if not pipe.manifest.has_generator:
-            raise ValueError(f"bundle {pipe.manifest.root} has no generator (tokenizer-only bundle)")
+    with open_pipeline(bundle, backend) as pipe:
         label_ids = parse_labels(labels.split(","), pipe.num_classes, pipe.class_names)
-        steps = num_steps or pipe.sampling_defaults()["num_steps"]
+        settings = pipe.sampling.with_overrides(**sampling)
         chunk = min(batch_size or pipe.manifest.max_batch("step"), pipe.manifest.max_batch("step"))
-        total = steps * -(-len(label_ids) // chunk)
+        total = settings.num_steps * -(-len(label_ids) // chunk)
         with tqdm(total=total, desc="unmasking", unit="step", file=sys.stderr, leave=False) as bar:
-            result = pipe.generate(label_ids, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
-                                   batch_size=batch_size, on_step=lambda i: bar.update())
-        names = [f"{i:03d}_{label_name(label, pipe.num_classes, pipe.class_names).replace(' ', '_')}"
+            result = pipe.generate(label_ids, seed=seed, batch_size=batch_size, on_step=lambda i: bar.update(),
+                                   **settings.to_dict())
+        names = [f"{i:03d}_{label_name(label, pipe.num_classes, pipe.class_names)}"
                  for i, label in enumerate(label_ids)]
         written = save_images(result.images, out, names)
     where = written[0] if len(written) == 1 else out
@@ -100,7 +64,7 @@ def generate(bundle, labels, num_steps, guidance_scale, seed, batch_size, backen
 @one_line_errors
 def encode(bundle, images, out, batch_size, backend):
     """Encode image files to token indices (int64 [B,h,w], saved with numpy)."""
-    with _pipeline(bundle, backend) as pipe:
+    with open_pipeline(bundle, backend) as pipe:
         indices = pipe.encode(_load_images(images, pipe), batch_size)
     _save_npy(indices, out)
     click.echo(f"wrote tokens {list(indices.shape)} to {out}")
@@ -119,8 +83,8 @@ def decode(bundle, tokens, out, batch_size, backend):
     try:
         indices = np.load(tokens, allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise ValueError(f"cannot read tokens from {tokens}: {exc}") from None
-    with _pipeline(bundle, backend) as pipe:
+        raise InputError(f"cannot read tokens from {tokens}: {exc}") from None
+    with open_pipeline(bundle, backend) as pipe:
         images = pipe.decode(indices, batch_size)
     save_images(images, out)
     click.echo(f"wrote {len(images)} image(s) to {out}")
@@ -137,7 +101,7 @@ def decode(bundle, tokens, out, batch_size, backend):
 def reconstruct(bundle, images, out, batch_size, backend):
     """Encode and decode image files (shows what the tokenizer keeps)."""
     from .images import save_images
-    with _pipeline(bundle, backend) as pipe:
+    with open_pipeline(bundle, backend) as pipe:
         pixels = _load_images(images, pipe)
         recon = pipe.reconstruct(pixels, batch_size)
     save_images(np.concatenate([pixels, recon]), out, columns=len(pixels))
@@ -155,7 +119,7 @@ def reconstruct(bundle, images, out, batch_size, backend):
 def bitflip(bundle, image_path, bits, backend, out):
     """The paper's bit-flip experiment: flip bit i of every token and decode (bit-token bundles only)."""
     from .images import load_image, save_images
-    with _pipeline(bundle, backend) as pipe:
+    with open_pipeline(bundle, backend) as pipe:
         image = load_image(image_path, pipe.manifest.dims.image_size)
         chosen = None if bits.strip() == "all" else [_int(b, "--bits") for b in bits.split(",")]
         grid = pipe.bitflip(image, chosen)
@@ -167,7 +131,7 @@ def _int(text: str, option: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{option} expects integers, got {text!r}") from None
+        raise InputError(f"{option} expects integers, got {text!r}") from None
 
 
 @main.command()
@@ -176,7 +140,7 @@ def _int(text: str, option: str) -> int:
 @one_line_errors
 def info(bundle, backend):
     """Print the bundle's components, sampling defaults, providers and versions."""
-    with _pipeline(bundle, backend) as pipe:
+    with open_pipeline(bundle, backend) as pipe:
         click.echo(json.dumps(pipe.info(), indent=2, default=str))
 
 
@@ -187,8 +151,15 @@ def _load_images(paths, pipe) -> np.ndarray:
 
 
 def _save_npy(array: np.ndarray, out: Path) -> None:
+    """Write through a unique temporary file in the target directory, removed if anything fails."""
     import os
+    import tempfile
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

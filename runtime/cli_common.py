@@ -1,0 +1,60 @@
+"""What the command lines share: the error rule, the bundle/backend/batch/sampling options, opening a pipeline."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from .backends import BACKENDS
+from .errors import InputError, MaskbitError
+from .sampling import HELP, MAX_STEPS, SamplingSettings
+from .schedules import GUIDANCE_ANNEALING, MASK_SCHEDULES
+
+DEMO_BUNDLE = Path(__file__).parent / "demo" / "bundle"
+
+
+def one_line_errors(fn):
+    """The toolkit's own errors (MaskbitError) and failed file operations (OSError) become one line on stderr
+    and exit status 1. Anything else is a bug and keeps its traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (MaskbitError, OSError) as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+                text = f"{exc.strerror or text}: {exc.filename}"
+            raise click.ClickException(text) from None
+    return wrapper
+
+
+def open_pipeline(bundle: Path | None, backend: str):
+    from .pipeline import Pipeline
+    if bundle is None:
+        if not (DEMO_BUNDLE / "manifest.json").is_file():
+            raise InputError("no --bundle given and this installation ships no demo bundle; "
+                             "build one with `maskbit-export build-engines`")
+        bundle = DEMO_BUNDLE
+    return Pipeline.load(bundle, backend=backend)
+
+
+bundle_option = click.option("--bundle", type=click.Path(path_type=Path), default=None,
+                             help="Bundle directory from `maskbit-export build-engines` (default: the demo bundle).")
+backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
+                              help="Execution backend: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu) or TensorRT.")
+batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                            help="Images per run (default and upper limit: the bundle's max batch).")
+
+
+def sampling_options(fn):
+    """One option per sampling setting (`--num-steps`, `--guidance-scale`, ...); unset ones keep the bundle's."""
+    kinds = {"num_steps": click.IntRange(1, MAX_STEPS), "guidance_annealing": click.Choice(GUIDANCE_ANNEALING),
+             "mask_schedule": click.Choice(MASK_SCHEDULES), "use_sampling_annealing": click.BOOL}
+    for name in reversed(SamplingSettings.fields()):
+        fn = click.option(f"--{name.replace('_', '-')}", name, type=kinds.get(name, float), default=None,
+                          help=f"{HELP[name]} (default: the bundle's)")(fn)
+    return fn
