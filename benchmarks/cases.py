@@ -1,31 +1,49 @@
-"""The timed cases of each benchmark group: eager PyTorch as a user writes it, and the runtime's backends.
+"""The timed cases of each benchmark group, and the checks that their outputs are right.
 
 Each builder returns {case name: zero-argument callable}; one call is one timed unit (a step, a generation,
-a decode). State that a call needs is prepared here, outside the timed call.
+a decode). State that a call needs is prepared here, outside the timed call. `*_checks` return, per case, a
+zero-argument callable that raises AssertionError when the case computes something else than eager float32:
+equal tokens (within the export tolerances) for float32 backends, the distribution gate for reduced precision.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from maskbit_export.tolerances import tolerance
+from maskbit_export.verify import compare, distribution_report, eager_logits, run_eager, session_logits
+from maskbit_runtime import specs
 from maskbit_runtime.loop import run_loop
 from maskbit_runtime.noise import StepNoise
-from maskbit_runtime.schedules import plan_steps
 from official_loop import official_generate, official_step
 
+import maskbit
 from maskbit.bits import combine_groups
+from maskbit.step import GenerationStep
 from maskbit.tokenizer import images_to_uint8
 
 Cases = dict[str, Callable[[], object]]
 
 
 def sampling_plan(generator, num_steps: int):
-    settings = dataclasses.asdict(generator.sampling_config)
-    settings.pop("num_steps")
-    return plan_steps(num_steps, generator.config.num_tokens * generator.config.codebook_splits, **settings), settings
+    settings = generator.sampling_config.with_overrides(num_steps=num_steps)
+    return settings.plan(generator.config.num_tokens * generator.config.codebook_splits), settings.to_dict()
+
+
+def _passes(report: dict) -> None:
+    assert report["passed"], {k: v for k, v in report.items() if k in ("tv_mean", "tv_worst_step", "gate", "reason",
+                                                                         "mismatch_fraction", "max_abs")}
+
+
+def gate_results(generator, pipelines, labels: np.ndarray, num_steps: int) -> dict[str, dict]:
+    """The distribution gate of the reduced-precision cases: int8 (the bundle's transformer graph) and bf16."""
+    plan, _ = sampling_plan(generator, num_steps)
+    session = pipelines["int8"].backend.primitives.session("transformer")
+    return {"ort_int8": distribution_report(generator, session_logits(session), labels.tolist(), plan, "int8"),
+            "eager_bf16": distribution_report(generator, eager_logits(generator, bf16=True), labels.tolist(), plan,
+                                              "bf16")}
 
 
 def mid_generation_tokens(cfg, batch: int) -> np.ndarray:
@@ -63,6 +81,32 @@ def step_cases(generator, pipelines, labels: np.ndarray) -> Cases:
     return cases
 
 
+def step_checks(generator, pipelines, labels: np.ndarray, gate: dict) -> dict[str, Callable[[], None]]:
+    """ort_fp32: the exported step's groups equal the eager step's on the same inputs; reduced precision: the gate;
+    the official-style eager step: a valid token grid."""
+    cfg = generator.config
+    plan, settings = sampling_plan(generator, generator.sampling_config.num_steps)
+    params = plan[len(plan) // 2]
+    inputs = {specs.TOKENS: mid_generation_tokens(cfg, len(labels)), specs.LABELS: labels.astype(np.int64),
+              specs.NOISE: StepNoise(0, len(labels), cfg.num_tokens, cfg.codebook_splits).draw(),
+              **{n: np.array(getattr(params, n), dtype=specs.STEP.input(n).dtype) for n in specs.STEP_SCALARS}}
+
+    def ort_fp32():
+        session = pipelines["fp32"].backend.primitives.session("step")
+        exported = session.run([specs.SAMPLED], inputs)[0]
+        eager = run_eager(GenerationStep(generator).eval(), specs.STEP, inputs)[specs.SAMPLED]
+        _passes(compare(eager, exported, tolerance("fp32", "step")))
+
+    def official():
+        with torch.inference_mode():
+            tokens, _ = official_step(generator, torch.from_numpy(inputs[specs.TOKENS]), torch.from_numpy(labels),
+                                      len(plan) // 2, len(plan), settings["guidance_scale"], settings["scale_pow"],
+                                      settings["randomize_temperature"])
+        assert tokens.shape == inputs[specs.TOKENS].shape and int(tokens.max()) <= cfg.mask_token
+    return {"eager_fp32": official, "eager_bf16": lambda: _passes(gate["eager_bf16"]), "ort_fp32": ort_fp32,
+            "ort_int8": lambda: _passes(gate["ort_int8"])}
+
+
 def generate_cases(tokenizer, generator, pipelines, labels: np.ndarray, num_steps: int) -> Cases:
     """A whole generation, labels -> uint8 images, with `num_steps` steps."""
     cfg = generator.config
@@ -82,6 +126,20 @@ def generate_cases(tokenizer, generator, pipelines, labels: np.ndarray, num_step
     return cases
 
 
+def generate_checks(tokenizer, generator, pipelines, labels: np.ndarray, num_steps: int,
+                    gate: dict) -> dict[str, Callable[[], None]]:
+    """ort_fp32: the same tokens as the eager sampler for the same seed; int8: the gate (same bundle)."""
+    def ort_fp32():
+        eager = maskbit.generate(tokenizer, generator, labels.tolist(), num_steps=num_steps, seed=0)
+        exported = pipelines["fp32"].generate(labels, num_steps=num_steps, seed=0)
+        np.testing.assert_array_equal(exported.tokens, eager.tokens)
+
+    def official():
+        images = generate_cases(tokenizer, generator, {}, labels, num_steps)["eager_official"]()
+        assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == (tokenizer.config.resolution,) * 2 + (3,)
+    return {"eager_official": official, "ort_fp32": ort_fp32, "ort_int8": lambda: _passes(gate["ort_int8"])}
+
+
 def overhead_cases(generator, pipe, labels: np.ndarray, num_steps: int) -> Cases:
     """Loops and bare transformer calls of a model whose step is cheap (same dims, no transformer layers).
 
@@ -95,12 +153,13 @@ def overhead_cases(generator, pipe, labels: np.ndarray, num_steps: int) -> Cases
     tokens = torch.from_numpy(mid_generation_tokens(cfg, len(labels)))
     doubled = (torch.cat([tokens, tokens]), torch.cat([t_labels, t_labels]),
                torch.cat([torch.zeros(len(labels), dtype=torch.bool), torch.ones(len(labels), dtype=torch.bool)]))
-    session = pipe.backend.session("transformer")
-    feeds = {"tokens": doubled[0].numpy(), "labels": doubled[1].numpy(), "drop_label_mask": doubled[2].numpy()}
+    session = pipe.backend.primitives.session("transformer")
+    feeds = {specs.TOKENS: doubled[0].numpy(), specs.LABELS: doubled[1].numpy(),
+             specs.DROP_LABEL_MASK: doubled[2].numpy()}
     binding = session.io_binding()
     for name, value in feeds.items():
         binding.bind_cpu_input(name, value)
-    binding.bind_output("logits")
+    binding.bind_output(specs.LOGITS)
 
     def eager_loop():
         return official_generate(generator, t_labels, num_steps, settings["guidance_scale"], settings["scale_pow"],
@@ -136,3 +195,11 @@ def codec_cases(tokenizer, pipe, component: str, batch: int) -> Cases:
         with torch.inference_mode():
             return eager(t_data)
     return {"eager_fp32": eager_fp32, "ort_fp32": lambda: runtime(data)}
+
+
+def codec_check(cases: Cases, component: str) -> Callable[[], None]:
+    """The runtime's decoder/encoder output against eager's, within the export tolerances."""
+    def check():
+        eager, exported = np.asarray(cases["eager_fp32"]()), cases["ort_fp32"]()
+        _passes(compare(eager, exported, tolerance("fp32", component)))
+    return check

@@ -5,7 +5,10 @@
     pytest benchmarks --benchmark-disable                     # smoke: every case runs once (CI)
 
 Weights are random (seeded): speed does not depend on them. Bundles are built into a temporary directory
-without verification (tests/ covers verification; the int8 quality gate is measured in the step group).
+without export verification; instead every timed case checks its own output (tokens equal to eager's, or the
+distribution gate for reduced precision), so a fast wrong result fails the run. The machine's CPU model,
+instruction sets and load average go into the JSON's machine_info, and a loud warning closes any run whose
+load average says the machine was shared.
 """
 
 from __future__ import annotations
@@ -41,9 +44,47 @@ def pytest_addoption(parser):
     group.addoption("--rounds", type=int, default=None, help="timed rounds per case (default: tiny 10, full 5)")
     group.addoption("--generate-steps", type=int, default=None,
                     help="steps of the timed generations (default: tiny 8 = its preset, full 4)")
-    group.addoption("--agreement-steps", type=int, default=64, help="teacher-forced steps of the int8 gate")
+    group.addoption("--agreement-steps", type=int, default=8,
+                    help="teacher-forced steps of the distribution gate (the preset's schedule, compressed)")
     group.addoption("--images", type=int, default=1, help="images per step (the transformer batch is twice this)")
     group.addoption("--threads", type=int, default=2, help="intra-op threads for torch and ONNX Runtime")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """pytest-benchmark's hook: add the CPU's instruction sets and the load average to the results JSON."""
+    from harness import cpu_info
+    machine_info.update(cpu_info())
+
+
+def pytest_report_header(config):
+    from harness import LOAD_LIMIT, cpu_info
+    info = cpu_info()
+    header = [f"cpu: {info['cpu_model']} x{info['cpu_count']}, isa: {' '.join(info['isa']) or 'none of interest'}, "
+              f"load average: {' '.join(f'{x:.2f}' for x in info['load_average'])}"]
+    if info["load_average"][0] > 2 * LOAD_LIMIT:
+        header.append(f"WARNING: load average {info['load_average'][0]:.2f} before the run: this machine is busy; "
+                      f"timings will not be an idle machine's (each group measures other processes' CPU use)")
+    return header
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Targets per instruction set, and a loud line when any group was timed on a shared machine."""
+    from harness import LOAD_LIMIT, cpu_info
+    session = getattr(config, "_benchmarksession", None)
+    benches = [b for b in (session.benchmarks if session else []) if getattr(b, "extra_info", None)]
+    rows = [(b.group, b.name, b.extra_info) for b in benches if "target" in b.extra_info]
+    if rows:
+        terminalreporter.section("speed-up targets (isa: " + " ".join(cpu_info()["isa"]) + ")")
+        for group, name, info in rows:
+            verdict = "met" if info["target_met"] else "NOT MET"
+            terminalreporter.write_line(f"{group:<10} {name:<40} {info['speedup_vs_eager']:.2f}x "
+                                        f"(target {info['target']:.2f}x): {verdict}")
+    shared = [b for b in benches if b.extra_info.get("shared_machine")]
+    if shared:
+        terminalreporter.section("SHARED MACHINE", sep="!")
+        worst = max(b.extra_info["other_processes_cores"] for b in shared)
+        terminalreporter.write_line(f"{len(shared)} case(s) were timed while other processes kept up to {worst:.2f} "
+                                    f"cores busy (> {LOAD_LIMIT}): do not report these figures as an idle machine's.")
 
 
 @pytest.fixture(scope="session")
@@ -68,12 +109,13 @@ def models(settings):
 
 @pytest.fixture(scope="session")
 def bundles(models, settings, tmp_path_factory) -> dict[str, Path]:
-    """One bundle per runtime precision."""
-    from maskbit_export import build_bundle
+    """One bundle per runtime precision (with the transformer graph: the loop-overhead and gate cases use it)."""
+    from maskbit_export import ExportOptions, build_bundle
     config, tokenizer, generator = models
     root = tmp_path_factory.mktemp("bundles")
-    return {p: build_bundle(root / p, tokenizer, generator, config, max_batch=max(2, settings.batch),
-                            precision=p, verify=False).root for p in PRECISIONS}
+    return {p: build_bundle(root / p, tokenizer, generator, options=ExportOptions(
+                max_batch=max(2, settings.batch), precision=p, verify=False, with_transformer=True)).root
+            for p in PRECISIONS}
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +163,7 @@ def overhead_group(models, labels, settings, tmp_path_factory):
     import maskbit
     from cases import overhead_cases
     from harness import Group
-    from maskbit_export import build_bundle
+    from maskbit_export import ExportOptions, build_bundle
     from maskbit_runtime import Pipeline
     config, tokenizer, generator = models
     hollow_cfg = dataclasses.replace(config, generator=dataclasses.replace(config.generator, depth=0))
@@ -131,8 +173,8 @@ def overhead_group(models, labels, settings, tmp_path_factory):
         hollow_cfg = dataclasses.replace(hollow_cfg, tokenizer=small)
     torch.manual_seed(0)
     hollow, small_tokenizer = maskbit.build_generator(hollow_cfg), maskbit.build_tokenizer(hollow_cfg)
-    path = build_bundle(tmp_path_factory.mktemp("hollow") / "fp32", small_tokenizer, hollow, hollow_cfg,
-                        max_batch=max(2, settings.batch), verify=False).root
+    path = build_bundle(tmp_path_factory.mktemp("hollow") / "fp32", small_tokenizer, hollow, options=ExportOptions(
+        max_batch=max(2, settings.batch), verify=False, with_transformer=True)).root
     pipe = Pipeline.load(path, backend="ort", providers=["CPUExecutionProvider"], threads=settings.threads)
     yield Group(overhead_cases(hollow, pipe, labels, settings.overhead_steps), settings.rounds)
     pipe.close()
@@ -149,3 +191,24 @@ def codec_groups(models, pipelines, settings):
                                   max(3, settings.rounds // 2))
         groups[component].flops = counted_flops(groups[component].cases["eager_fp32"])
     return groups
+
+
+@pytest.fixture(scope="session")
+def distribution_gate(models, pipelines, labels, settings):
+    """Teacher-forced TV/KL of int8 (ONNX Runtime) and bf16 (eager autocast) against eager fp32, over
+    `--agreement-steps` steps of the preset's schedule: the check that reduced-precision cases are right."""
+    from cases import gate_results
+    return gate_results(models[2], pipelines, labels, settings.agreement_steps)
+
+
+@pytest.fixture(scope="session")
+def step_checks(models, pipelines, labels, distribution_gate):
+    from cases import step_checks
+    return step_checks(models[2], pipelines, labels, distribution_gate)
+
+
+@pytest.fixture(scope="session")
+def generate_checks(models, pipelines, labels, settings, distribution_gate):
+    from cases import generate_checks
+    _, tokenizer, generator = models
+    return generate_checks(tokenizer, generator, pipelines, labels, settings.generate_steps, distribution_gate)

@@ -43,28 +43,15 @@ def models(name: str):
 
 def study(name: str, steps: int | None, images: int) -> dict:
     from maskbit_export import ExportOptions, build_bundle
-    from maskbit_export.quality import teacher_forced_distances
-    from maskbit_export.verify import teacher_forced_agreement
-    from maskbit_runtime import specs
+    from maskbit_export.verify import (distribution_report, eager_logits, session_logits,
+                                       teacher_forced_agreement)
     from maskbit_runtime.backends.ort import import_ort
 
     from maskbit.step import GenerationStep
     tokenizer, generator = models(name)
     cfg, sampling = generator.config, generator.sampling_config
     plan = sampling.with_overrides(num_steps=steps).plan(cfg.num_tokens * cfg.codebook_splits)
-    labels = np.random.default_rng(0).integers(0, cfg.num_classes, images)
-    step = GenerationStep(generator).eval()
-
-    def eager(tokens, labels_, drop, dtype=None):
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
-            return generator(*(torch.from_numpy(a) for a in (tokens, labels_, drop))).float().numpy()
-
-    def advance(tokens, labels_, noise, params):
-        with torch.inference_mode():
-            return step(torch.from_numpy(tokens), torch.from_numpy(labels_), torch.from_numpy(noise),
-                        *(torch.tensor(getattr(params, n), dtype=torch.int64 if n == specs.NUM_TO_MASK else
-                                       torch.float32) for n in specs.STEP_SCALARS))[0].numpy()
-
+    labels = np.random.default_rng(0).integers(0, cfg.num_classes, images).tolist()
     ort = import_ort()
     report = {"model": name, "num_steps": len(plan), "images": images, "cpu_flags": cpu_flags(),
               "load_average": os.getloadavg(), "python": platform.python_version(), "results": {}}
@@ -74,17 +61,14 @@ def study(name: str, steps: int | None, images: int) -> dict:
             build_bundle(path, tokenizer, generator, options=ExportOptions(
                 max_batch=max(2, images), precision=precision, verify=False, with_transformer=True))
             transformer = ort.InferenceSession(str(path / "transformer.onnx"), providers=["CPUExecutionProvider"])
-            logits = lambda t, l, d, s=transformer: s.run([specs.LOGITS], {specs.TOKENS: t, specs.LABELS: l,
-                                                                           specs.DROP_LABEL_MASK: d})[0]
-            report["results"][f"ort_{precision}"] = teacher_forced_distances(
-                eager, logits, advance, labels, plan, cfg.mask_token, (cfg.num_tokens, cfg.codebook_splits))
+            report["results"][f"ort_{precision}"] = distribution_report(generator, session_logits(transformer),
+                                                                        labels, plan, precision)
             if precision == "int8":
                 session = ort.InferenceSession(str(path / "step.onnx"), providers=["CPUExecutionProvider"])
-                agreement = teacher_forced_agreement(step, session, labels.tolist(), plan, seed=4321)
+                agreement = teacher_forced_agreement(GenerationStep(generator).eval(), session, labels, plan, 4321)
                 report["results"]["ort_int8"]["agreement"] = agreement["agreement"]
-        report["results"]["eager_bf16"] = teacher_forced_distances(
-            eager, lambda t, l, d: eager(t, l, d, torch.bfloat16), advance, labels, plan, cfg.mask_token,
-            (cfg.num_tokens, cfg.codebook_splits))
+        report["results"]["eager_bf16"] = distribution_report(generator, eager_logits(generator, bf16=True), labels,
+                                                              plan, "bf16")
     return report
 
 

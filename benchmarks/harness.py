@@ -1,20 +1,104 @@
-"""Interleaved timing for pytest-benchmark, FLOP counts and the machine's measured fp32 GEMM peak.
+"""Interleaved timing for pytest-benchmark, the machine's description, targets, FLOP counts and the GEMM peak.
 
 The development machines are shared and noisy, so the cases of one group are never timed one after another:
 `Group` runs every case round-robin (round 1: A B C, round 2: A B C, ...) and hands each test its own
-durations, which `record` gives to pytest-benchmark. A slow minute then slows every case alike and the
-ratios between cases stay meaningful. The GEMM peak is itself a case of the step group, so it is measured
-under the same load as the steps it is compared with.
+durations. A slow minute then slows every case alike and the ratios between cases stay meaningful. The GEMM
+peak is itself a case of the step group, so it is measured under the same load as the steps it is compared with.
+
+pytest-benchmark receives those durations through its public `timer` option: every benchmark test is marked
+`@pytest.mark.benchmark(timer=REPLAY)`, and `record` replays the interleaved durations through
+`benchmark.pedantic` on a no-op, so each round's start/end readings differ by exactly one measured duration.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
+
+# CPU time used by *other* processes while a group was timed, in cores (busy time of the whole machine from
+# /proc/stat minus this process's own CPU time, per wall second). An idle machine shows < 0.1; above the limit
+# the machine was shared and ratios between cases are not trustworthy (contention inflated them 1.5-2x before).
+# The load average is recorded too, but it counts this process's own threads and lags by minutes.
+LOAD_LIMIT = 0.25
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+# speed-up targets over eager fp32 per (group, case); int8 depends on the CPU's int8 dot-product instructions
+TARGETS = {("step", "ort_fp32"): {"any": 1.15},
+           ("step", "ort_int8"): {"avx512_vnni": 3.0, "avx2": 1.8}}
+
+
+class SharedMachineWarning(UserWarning):
+    """The load average says other work ran while timing: the figures are not an idle machine's."""
+
+
+def cpu_info() -> dict:
+    """CPU model, the instruction sets that decide the kernels, core count and the load average now."""
+    model, flags = "?", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "?":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return {"cpu_model": model, "isa": [f for f in ISA_FLAGS if f in flags], "cpu_count": os.cpu_count(),
+            "load_average": list(os.getloadavg())}
+
+
+def target_for(group: str, case: str, isa: list[str]) -> float | None:
+    """The speed-up target of a case on a CPU with these instruction sets (the best-equipped rule that applies)."""
+    rules = TARGETS.get((group, case), {})
+    for flag in ("avx512_vnni", "avx2", "any"):
+        if flag in rules and (flag == "any" or flag in isa):
+            return rules[flag]
+    return None
+
+
+class CpuUsage:
+    """How many cores other processes kept busy since construction (machine busy time minus ours, per second)."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            busy = float("nan")
+        own = os.times()
+        return busy, own.user + own.system, time.monotonic()
+
+    def others(self) -> float:
+        busy, own, wall = (b - a for a, b in zip(self.start, self._sample()))
+        return max(0.0, (busy - own) / wall) if wall > 0 else float("nan")
+
+
+class ReplayClock:
+    """A clock for pytest-benchmark's `timer` option that replays durations measured elsewhere."""
+
+    def __init__(self):
+        self.now, self.pending, self.started = 0.0, [], False
+
+    def load(self, durations: list[float]) -> None:
+        self.pending, self.started = list(durations), False
+
+    def __call__(self) -> float:
+        if self.started:                                   # the end of a round: one measured duration later
+            self.now += self.pending.pop(0)
+        self.started = not self.started
+        return self.now
+
+
+REPLAY = ReplayClock()
 
 
 class Group:
@@ -29,15 +113,17 @@ class Group:
     def times(self, name: str) -> list[float]:
         if self._times is None:
             self._times = {n: [] for n in self.cases}
-            self.load_before = os.getloadavg()[0]
             for _ in range(self.warmup):
                 for fn in self.cases.values():
                     fn()
+            self.load_before = os.getloadavg()[0]
+            usage = CpuUsage()
             for _ in range(self.rounds):
                 for n, fn in self.cases.items():
                     start = time.perf_counter()
                     fn()
                     self._times[n].append(time.perf_counter() - start)
+            self.other_cores = usage.others()
             self.load_after = os.getloadavg()[0]
         return self._times[name]
 
@@ -51,15 +137,23 @@ def record(benchmark, group: Group, name: str, **extra) -> dict:
         benchmark(group.cases[name])
         return {}
     times = group.times(name)
-    # pytest-benchmark has no public call for externally timed rounds; this is what `pedantic` does inside.
-    benchmark._mode = "interleaved"
-    stats = benchmark._make_stats(1)
-    for duration in times:
-        stats.update(duration)
+    REPLAY.load(times)
+    benchmark.pedantic(lambda: None, rounds=len(times), iterations=1, warmup_rounds=0)
     info = {"median_ms": 1e3 * float(np.median(times)), "p90_ms": 1e3 * float(np.percentile(times, 90)),
-            "rounds": len(times), "load_average_1min": [group.load_before, group.load_after], **extra}
+            "rounds": len(times), "load_average_1min": [group.load_before, group.load_after],
+            "other_processes_cores": group.other_cores, "shared_machine": not group.other_cores <= LOAD_LIMIT, **extra}
+    if info["shared_machine"]:
+        warnings.warn(SharedMachineWarning(
+            f"{benchmark.group}/{name}: other processes kept {group.other_cores:.2f} cores busy (> {LOAD_LIMIT}) "
+            f"while timing; these figures are not an idle machine's"), stacklevel=2)
     benchmark.extra_info.update(info)
     return info
+
+
+def speedup_info(group: str, case: str, speedup: float) -> dict:
+    """The speed-up, this CPU's target for it (if any) and whether it was met."""
+    target = target_for(group, case, cpu_info()["isa"])
+    return {"speedup_vs_eager": speedup, **({"target": target, "target_met": speedup >= target} if target else {})}
 
 
 def generator_flops(cfg, batch: int) -> float:

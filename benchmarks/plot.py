@@ -12,7 +12,8 @@ from pathlib import Path
 GROUPS = ("step", "generate", "decoder", "encoder", "loop overhead")
 COLUMNS = (("median ms", "median_ms", "{:.1f}"), ("p90 ms", "p90_ms", "{:.1f}"), ("images/s", "images_per_s", "{:.3g}"),
            ("GFLOP/s", "gflops", "{:.3g}"), ("of GEMM peak", "peak_fraction", "{:.0%}"),
-           ("vs eager fp32", "speedup_vs_eager", "{:.2f}x"))
+           ("vs eager fp32", "speedup_vs_eager", "{:.2f}x"), ("target", "target", "{:.2f}x"),
+           ("met", "target_met", "{}"))
 
 
 def case_name(bench: dict) -> str:
@@ -32,15 +33,24 @@ def load(path: Path) -> tuple[dict[str, list[dict]], dict]:
 
 def markdown(groups: dict[str, list[dict]], data: dict) -> str:
     machine = data.get("machine_info", {})
-    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} "
-             f"logical CPUs; Python {machine.get('python_version', '?')}; {data.get('datetime', '')}", ""]
+    load = machine.get("load_average") or ["?"]
+    lines = [f"Machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count', '?')} logical CPUs, instruction "
+             f"sets: {' '.join(machine.get('isa', [])) or '?'}; load average at start {load[0]}; Python "
+             f"{machine.get('python_version', '?')}; {data.get('datetime', '')}", ""]
+    shared = [b for bs in groups.values() for b in bs if b["extra_info"].get("shared_machine")]
+    if shared:
+        lines += [f"**Warning: {len(shared)} case(s) were timed while other processes used CPU "
+                  f"(up to {max(b['extra_info']['other_processes_cores'] for b in shared):.2f} cores).**", ""]
     for group, benches in groups.items():
-        if group == "agreement":
+        if group == "distribution gate":
+            lines += ["**Distribution gate** (teacher-forced, against eager fp32):", "",
+                      "| case | TV mean | TV p99 | TV worst step | KL mean | gate (mean / worst) | passed |",
+                      "|---|---|---|---|---|---|---|"]
             for b in benches:
-                info = b["extra_info"]
-                lines.append(f"**int8 teacher-forced agreement** with fp32 over {info['num_steps']} steps: "
-                             f"{info['agreement']:.2%} of {info['drawn_groups']} drawn groups "
-                             f"(worst step {info['worst_step_agreement']:.2%}).")
+                i = b["extra_info"]
+                lines.append(f"| {case_name(b)} | {i['tv_mean']:.2e} | {i['tv_p99']:.2e} | {i['tv_worst_step']:.2e} | "
+                             f"{i['kl_mean']:.2e} | {i['gate']['tv_mean']} / {i['gate']['tv_worst_step']} | "
+                             f"{i['passed']} |")
             lines.append("")
             continue
         if group == "loop overhead":
@@ -70,7 +80,7 @@ def plot(groups: dict[str, list[dict]], out: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    timed = {g: b for g, b in groups.items() if g not in ("agreement", "loop overhead")}
+    timed = {g: b for g, b in groups.items() if g not in ("distribution gate", "loop overhead")}
     if not timed:
         return
     fig, axes = plt.subplots(1, len(timed), figsize=(4.2 * len(timed), 4.2), squeeze=False)

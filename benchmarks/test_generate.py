@@ -1,21 +1,24 @@
-"""Whole generations (labels -> images), and the loop's own overhead per step."""
+"""Whole generations (labels -> images), checked, then timed; and the loop's own overhead per step."""
 
 from __future__ import annotations
 
 import pytest
-from harness import record
+from harness import REPLAY, record, speedup_info
+
+pytestmark = pytest.mark.benchmark(timer=REPLAY)
 
 
 @pytest.mark.parametrize("case", ("eager_official", "ort_fp32", "ort_int8"))
-def test_generate(benchmark, generate_group, labels, settings, case):
+def test_generate(benchmark, generate_group, generate_checks, labels, settings, case):
     benchmark.group = "generate"
+    generate_checks[case]()
     if benchmark.disabled:
         record(benchmark, generate_group, case)
         return
     median = generate_group.median(case)
     record(benchmark, generate_group, case, steps=settings.generate_steps, images_per_s=len(labels) / median,
            ms_per_step=1e3 * median / settings.generate_steps,
-           speedup_vs_eager=generate_group.median("eager_official") / median)
+           **speedup_info("generate", case, generate_group.median("eager_official") / median))
 
 
 @pytest.mark.parametrize("case", ("eager_loop", "eager_forward", "ort_loop", "ort_forward"))

@@ -179,29 +179,46 @@ def _verify_agreement(root: Path, generator: Generator, labels: list[int], preci
     return teacher_forced_agreement(GenerationStep(generator).eval(), session, labels, _gate_plan(generator), 4321)
 
 
+def eager_logits(generator: Generator, bf16: bool = False):
+    """(tokens, labels, drop) -> logits of the eager generator, in float32 or under bfloat16 autocast."""
+    def logits(tokens, labels, drop):
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return generator(*(torch.from_numpy(a) for a in (tokens, labels, drop))).float().numpy()
+    return logits
+
+
+def session_logits(session):
+    """(tokens, labels, drop) -> logits of an ONNX Runtime session of a transformer graph."""
+    return lambda tokens, labels, drop: session.run([LOGITS], {TOKENS: tokens, LABELS: labels,
+                                                               DROP_LABEL_MASK: drop})[0]
+
+
+def eager_advance(generator: Generator):
+    """(tokens, labels, noise, params) -> next tokens of the eager float32 step: the reference trajectory."""
+    step = GenerationStep(generator).eval()
+
+    def advance(tokens, labels, noise, params):
+        inputs = {TOKENS: tokens, LABELS: labels, NOISE: noise}
+        inputs.update({n: np.array(getattr(params, n), dtype=STEP.input(n).dtype) for n in STEP_SCALARS})
+        return run_eager(step, STEP, inputs)[NEXT_TOKENS]
+    return advance
+
+
+def distribution_report(generator: Generator, candidate, labels: list[int], plan, precision: str) -> dict:
+    """Teacher-forced TV/KL of `candidate` (a logits function) against eager float32, with the gate's verdict."""
+    cfg = generator.config
+    result = teacher_forced_distances(eager_logits(generator), candidate, eager_advance(generator), labels, plan,
+                                      cfg.mask_token, (cfg.num_tokens, cfg.codebook_splits))
+    result.update(gate=GATES[precision], passed=passes(result, precision), cpu_flags=cpu_flags())
+    return result
+
+
 def _verify_distribution(root: Path, generator: Generator, labels: list[int], precision: str) -> dict:
-    """The reduced-precision gate: TV/KL of the exported transformer's sampling distributions from eager float32."""
+    """The reduced-precision gate on the exported transformer graph (same weights and quantization as the step)."""
     from maskbit_runtime.backends.ort import import_ort
     session = import_ort().InferenceSession(str(root / COMPONENTS["transformer"].file),
                                             providers=["CPUExecutionProvider"])
-    step, cfg = GenerationStep(generator).eval(), generator.config
-
-    def reference(tokens, labels_, drop):
-        with torch.inference_mode():
-            return generator(*(torch.from_numpy(a) for a in (tokens, labels_, drop))).numpy()
-
-    def candidate(tokens, labels_, drop):
-        return session.run([LOGITS], {TOKENS: tokens, LABELS: labels_, DROP_LABEL_MASK: drop})[0]
-
-    def advance(tokens, labels_, noise, params):
-        inputs = {TOKENS: tokens, LABELS: labels_, NOISE: noise}
-        inputs.update({n: np.array(getattr(params, n), dtype=STEP.input(n).dtype) for n in STEP_SCALARS})
-        return run_eager(step, STEP, inputs)[NEXT_TOKENS]
-
-    result = teacher_forced_distances(reference, candidate, advance, labels, _gate_plan(generator), cfg.mask_token,
-                                      (cfg.num_tokens, cfg.codebook_splits))
-    result.update(gate=GATES[precision], passed=passes(result, precision), cpu_flags=cpu_flags())
-    return result
+    return distribution_report(generator, session_logits(session), labels, _gate_plan(generator), precision)
 
 
 def cpu_flags() -> list[str]:

@@ -162,7 +162,7 @@ class GeneratorConfig:
     def __post_init__(self):
         _check_fields(self, "generator",
                       ints={"codebook_size": (2, 2 ** MAX_BITS), "codebook_splits": (1, MAX_BITS),
-                            "hidden_dim": (1, 65536), "depth": (1, 1024), "heads": (1, 1024), "mlp_dim": (1, 262144),
+                            "hidden_dim": (1, 65536), "depth": (0, 1024), "heads": (1, 1024), "mlp_dim": (1, 262144),
                             "num_classes": (1, 10 ** 6), "image_size": (1, 4096), "input_stride": (1, 4096)},
                       floats={"dropout": (0.0, 1.0, True), "class_label_dropout": (0.0, 1.0, True)},
                       bools=("use_prenorm",))

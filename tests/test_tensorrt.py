@@ -297,7 +297,7 @@ def test_onnx_runtime_cuda_generation_matches_eager_tokens(cli_run, eager):
         pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider and a CUDA GPU (pip install 'maskbit[gpu]')")
     out, _ = cli_run
     with Pipeline.load(out, backend="ort", providers=["CUDAExecutionProvider", "CPUExecutionProvider"]) as pipe:
-        assert pipe.backend.backend.device == "cuda"
+        assert pipe.backend.primitives.device == "cuda"
         result = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
     np.testing.assert_array_equal(result.tokens, eager.tokens)
     assert np.abs(result.images.astype(np.int16) - eager.images.astype(np.int16)).max() <= 1

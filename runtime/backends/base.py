@@ -17,8 +17,8 @@ import numpy as np
 from ..errors import MaskbitError
 from ..manifest import Manifest
 from ..schedules import StepParams
-from ..specs import (COMBINE, COMPONENTS, DECODER, ENCODER, GROUPS, IMAGES, INDICES, LABELS, NEXT_TOKENS, NOISE,
-                     SAMPLED, STEP, STEP_SCALARS, STEP_UNGUIDED, TOKENS, ComponentSpec)
+from ..specs import (BATCH, COMBINE, COMPONENTS, DECODER, ENCODER, GROUPS, IMAGES, INDICES, LABELS, NEXT_TOKENS,
+                     NOISE, SAMPLED, STEP, STEP_SCALARS, STEP_UNGUIDED, TOKENS, ComponentSpec, Dims)
 
 
 class BackendError(MaskbitError, RuntimeError):
@@ -56,9 +56,9 @@ class Stepper:
     """The step's device buffers for one batch size and step variant, driven by the decode loop."""
 
     def __init__(self, executor: Executor, spec: ComponentSpec, batch: int):
-        ex, dims = executor.backend, executor.manifest.dims
+        ex, dims = executor.primitives, executor.manifest.dims
         buffer = lambda t: ex.allocate(dims.resolve(t.shape, batch), t.dtype)
-        self.backend = ex
+        self.primitives = ex
         self.state = [buffer(spec.input(TOKENS)), buffer(spec.output(NEXT_TOKENS))]
         self.sampled = buffer(spec.output(SAMPLED))
         self.inputs = {t.name: buffer(t) for t in spec.inputs if t.name != TOKENS}
@@ -70,14 +70,14 @@ class Stepper:
 
     def start(self, labels: np.ndarray) -> None:
         self.parity = 0
-        self.backend.upload(self.state[0], self.masked)
-        self.backend.upload(self.inputs[LABELS], np.ascontiguousarray(labels, dtype=np.int64))
+        self.primitives.upload(self.state[0], self.masked)
+        self.primitives.upload(self.inputs[LABELS], np.ascontiguousarray(labels, dtype=np.int64))
 
     def step(self, noise: np.ndarray, params: StepParams) -> None:
-        self.backend.upload(self.inputs[NOISE], noise)
+        self.primitives.upload(self.inputs[NOISE], noise)
         for name, dtype in self.scalar_dtypes.items():
-            self.backend.upload(self.inputs[name], np.array(getattr(params, name), dtype=dtype))
-        self.backend.run(self.bindings[self.parity])
+            self.primitives.upload(self.inputs[name], np.array(getattr(params, name), dtype=dtype))
+        self.primitives.run(self.bindings[self.parity])
         self.parity ^= 1
 
     def result(self) -> Any:
@@ -87,10 +87,10 @@ class Stepper:
 class Executor:
     """Generation, encoding and decoding of one bundle on one backend's primitives."""
 
-    def __init__(self, backend: Primitives, manifest: Manifest):
-        self.backend = backend
+    def __init__(self, primitives: Primitives, manifest: Manifest):
+        self.primitives = primitives
         self.manifest = manifest
-        self.name = backend.name
+        self.name = primitives.name
         self._steppers: dict[tuple[str, int], Stepper] = {}
         self._io: dict[tuple[str, int], tuple[dict[str, Any], Any]] = {}
 
@@ -107,26 +107,26 @@ class Executor:
         key = (spec.name, batch)
         if key not in self._io:
             dims = self.manifest.dims
-            buffers = {t.name: self.backend.allocate(dims.resolve(t.shape, batch), t.dtype)
+            buffers = {t.name: self.primitives.allocate(dims.resolve(t.shape, batch), t.dtype)
                        for t in spec.inputs + spec.outputs}
-            self._io[key] = buffers, self.backend.bind(spec.name, buffers)
+            self._io[key] = buffers, self.primitives.bind(spec.name, buffers)
         return self._io[key]
 
     def finish(self, sampled: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """Final sampled groups (device buffer) -> (uint8 images [B,H,W,3], int64 indices [B,h,w]) on the host.
         Combine writes straight into the decoder's input buffer: nothing but the results leaves the device."""
         decoded, decode = self.buffers(DECODER, batch)
-        combine = self.backend.bind(COMBINE.name, {GROUPS: sampled, INDICES: decoded[INDICES]})
-        self.backend.run(combine)
-        self.backend.run(decode)
-        return self.backend.download(decoded[IMAGES]), self.backend.download(decoded[INDICES])
+        combine = self.primitives.bind(COMBINE.name, {GROUPS: sampled, INDICES: decoded[INDICES]})
+        self.primitives.run(combine)
+        self.primitives.run(decode)
+        return self.primitives.download(decoded[IMAGES]), self.primitives.download(decoded[INDICES])
 
     def run_once(self, spec: ComponentSpec, array: np.ndarray) -> np.ndarray:
         (source,), (target,) = spec.inputs, spec.outputs
         buffers, binding = self.buffers(spec, len(array))
-        self.backend.upload(buffers[source.name], np.ascontiguousarray(array, dtype=source.dtype))
-        self.backend.run(binding)
-        return self.backend.download(buffers[target.name])
+        self.primitives.upload(buffers[source.name], np.ascontiguousarray(array, dtype=source.dtype))
+        self.primitives.run(binding)
+        return self.primitives.download(buffers[target.name])
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         return self.run_once(ENCODER, images)
@@ -135,18 +135,30 @@ class Executor:
         return self.run_once(DECODER, indices)
 
     def describe(self) -> dict:
-        return self.backend.describe()
+        return self.primitives.describe()
 
     def close(self) -> None:
         self._steppers.clear()
         self._io.clear()
-        self.backend.close()
+        self.primitives.close()
 
 
-def check_component_io(component: str, declared: Mapping[str, tuple[str, int]], where: str) -> None:
-    """Compare a loaded graph's own tensors {name: (numpy dtype, rank)} with the bundle contract."""
+def check_component_io(component: str, declared: Mapping[str, tuple[str, int]], where: str,
+                       shapes: Mapping[str, tuple[int | None, ...]] | None = None, dims: Dims | None = None) -> None:
+    """Compare a loaded graph's own tensors {name: (numpy dtype, rank)} with the bundle contract, and, given
+    `shapes` {name: axes, None where dynamic} and the manifest's `dims`, every fixed axis with the manifest's."""
     spec = COMPONENTS[component]
     expected = {t.name: (np.dtype(t.dtype).name, len(t.shape)) for t in spec.inputs + spec.outputs}
     if declared != expected:
         raise BackendError(f"{where} has tensors {sorted(declared.items())}, but a {component} component must "
                            f"have {sorted(expected.items())}; the file does not belong to this bundle")
+    for t in spec.inputs + spec.outputs if shapes is not None and dims is not None else ():
+        want = tuple(None if s == BATCH else d for s, d in zip(t.shape, dims.resolve(t.shape, 0)))
+        got = tuple(shapes[t.name])
+        if any(g is not None and g != w for g, w in zip(got, want)) or (BATCH in t.shape and got[0] is not None):
+            raise BackendError(f"{where}: tensor {t.name} has shape {_axes(got)}, but the manifest's dims give "
+                               f"{_axes(want)}; the file does not belong to this bundle")
+
+
+def _axes(shape: tuple[int | None, ...]) -> list:
+    return [BATCH if s is None else s for s in shape]
