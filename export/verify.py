@@ -96,7 +96,7 @@ def teacher_forced_agreement(step: nn.Module, session, labels: list[int], plan, 
     tokens = np.full((len(labels), cfg.num_tokens, cfg.codebook_splits), cfg.mask_token, dtype=np.int64)
     agreeing, drawn, per_step = 0, 0, []
     for params in plan:
-        inputs = {"tokens": tokens, "labels": labels, "noise": noise.draw()}
+        inputs = {TOKENS: tokens, LABELS: labels, NOISE: noise.draw()}
         inputs.update({name: np.array(getattr(params, name), dtype=STEP.input(name).dtype) for name in STEP_SCALARS})
         reference = run_eager(step, STEP, inputs)
         sampled = session.run([SAMPLED], inputs)[0]

@@ -82,7 +82,7 @@ def decode(bundle, tokens, out, batch_size, backend):
     from .images import save_images
     try:
         indices = np.load(tokens, allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MemoryError) as exc:      # MemoryError: a header that claims a huge shape
         raise InputError(f"cannot read tokens from {tokens}: {exc}") from None
     with open_pipeline(bundle, backend) as pipe:
         images = pipe.decode(indices, batch_size)

@@ -29,10 +29,11 @@ def parse_labels(items: Sequence[str | int], num_classes: int, names: Sequence[s
     labels = []
     for item in items:
         text = str(item).strip()
-        if text.lstrip("-").isdigit():
-            value = int(text)
-            if not 0 <= value < num_classes:
-                raise InputError(f"label {value} is out of range: this model has classes 0..{num_classes - 1}")
+        if text.lstrip("-").isdecimal():              # not isdigit: int() refuses digits such as '²'
+            value = int(text) if len(text) <= 20 else None      # int() refuses more than 4300 digits
+            if value is None or not 0 <= value < num_classes:
+                shown = value if value is not None else f"{text[:20]}..."
+                raise InputError(f"label {shown} is out of range: this model has classes 0..{num_classes - 1}")
             labels.append(value)
             continue
         if table is None:

@@ -34,7 +34,8 @@ MAX_BATCH = 4096
 MAX_IMAGE_SIZE = 4096
 MAX_CLASSES = 100_000
 MAX_CLASS_NAME = 200
-FILE_KINDS = ("file", "data_file", "engine")
+FILE_KINDS = ("file", "data_file", "engine", "package")
+PACKAGE_RECORD = ("package_precision", "package_device", "torch_version")   # required with an AOTInductor package
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -83,6 +84,11 @@ class ComponentEntry:
     engine_precision: str | None = None
     tensorrt_version: str | None = None
     gpu: Mapping[str, str] | None = None      # {"name", "compute_capability"} the engine was built for
+    package: str | None = None                # AOTInductor package (.pt2), when built
+    package_sha256: str | None = None
+    package_precision: str | None = None
+    package_device: str | None = None         # "cpu" or "cuda": the device the package was compiled for
+    torch_version: str | None = None          # the PyTorch that compiled it (packages load only in the same one)
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ class Manifest:
             raise BundleError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a bundle manifest")
         try:
             data = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:       # ValueError: bad JSON, bad UTF-8, a 5000-digit number
             raise BundleError(f"{path} is not valid JSON: {exc}") from None
         manifest = parse(data, root)
         if not manifest.complete and not allow_incomplete:
@@ -311,6 +317,8 @@ def _component(reader: _Reader, name: str, dims: Dims) -> ComponentEntry:
         files[kind], files[f"{kind}_sha256"] = value, digest
     if files["file"] is None:
         raise BundleError(f"{reader.where}: file is missing")
+    if files["package"] is not None and None in (reader.get(k, str, None) for k in PACKAGE_RECORD):
+        raise BundleError(f"{reader.where}: a package needs {', '.join(PACKAGE_RECORD)}")
     gpu = reader.get("gpu", dict, None)
     if gpu is not None and not all(isinstance(gpu.get(k), str) for k in ("name", "compute_capability")):
         raise BundleError(f"{reader.where}: gpu must record name and compute_capability as strings")
@@ -318,7 +326,10 @@ def _component(reader: _Reader, name: str, dims: Dims) -> ComponentEntry:
         precision=reader.get("precision", str), backend=reader.get("backend", str, "onnx"),
         inputs=tensors["inputs"], outputs=tensors["outputs"], batch_profile=BatchProfile(low, opt, high),
         engine_precision=reader.get("engine_precision", str, None),
-        tensorrt_version=reader.get("tensorrt_version", str, None), gpu=gpu, **files)
+        tensorrt_version=reader.get("tensorrt_version", str, None), gpu=gpu,
+        package_precision=reader.get("package_precision", str, None),
+        package_device=reader.get("package_device", str, None), torch_version=reader.get("torch_version", str, None),
+        **files)
 
 
 def _tensor(reader: _Reader) -> TensorEntry:
@@ -335,9 +346,10 @@ def check_class_names(names: list | None, num_classes: int | None, where: str) -
     if num_classes is None or len(names) != num_classes:
         raise BundleError(f"{where}: {len(names)} class names for {num_classes} classes")
     for name in names:
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_CLASS_NAME or not name.isprintable():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_CLASS_NAME or not name.isprintable() \
+                or "/" in name or "\\" in name or not name.strip("."):
             raise BundleError(f"{where}: class name {name!r:.60} must be printable text of 1-{MAX_CLASS_NAME} "
-                              f"characters")
+                              f"characters, without / or \\ and not only dots")
     return tuple(names)
 
 

@@ -17,44 +17,33 @@ zip timestamps, so equal runs give byte-identical files.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import io
 import json
 import os
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, MaskbitError
+from .chunks import CHUNK_DIR, atomic_write, chunk_path, chunk_problem, claims, flock, mkstemp, read_chunk, zip_info
+from .chunks import ChunkError, Claim, try_claim, write_chunk  # noqa: F401  (the chunk API, importable from here too)
+from .errors import InputError
 
 RUN_FILE = "run.json"
 SAMPLES = "samples.npz"
-CHUNK_DIR = "chunks"
 PNG_DIR = "png"
 DEFAULT_CHUNK_SIZE = 64
 FORMAT = "maskbit-samples"
 FORMAT_VERSION = 1
 GENERATION_COMPONENTS = ("step", "combine", "decoder")    # what the images depend on
-CHUNK_KEYS = ("indices", "labels", "tokens", "images")
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class RunMismatchError(InputError):
     """The output folder holds another run (different bundle, seed, labels or settings)."""
-
-
-class ChunkError(MaskbitError, RuntimeError):
-    """A chunk file that should be complete is missing or fails verification."""
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -183,7 +172,7 @@ def open_run(out: str | Path, spec: RunSpec) -> RunSpec:
     difference."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with _flock(out / ".run.lock"):
+    with flock(out / ".run.lock"):
         if (out / RUN_FILE).exists():
             there = load_run(out)
             diff = difference(there, spec)
@@ -193,7 +182,7 @@ def open_run(out: str | Path, spec: RunSpec) -> RunSpec:
             return there
         if (out / CHUNK_DIR).is_dir() and any((out / CHUNK_DIR).glob("chunk_*.npz")):
             raise RunMismatchError(f"{out} holds chunk files but no {RUN_FILE}; use another --out")
-        _atomic_write(out / RUN_FILE, json.dumps(spec.to_json(), indent=1, sort_keys=True).encode())
+        atomic_write(out / RUN_FILE, json.dumps(spec.to_json(), indent=1, sort_keys=True).encode())
         return spec
 
 
@@ -216,11 +205,7 @@ def shard_chunks(spec: RunSpec, shard: tuple[int, int] | None = None) -> list[in
     return list(range(index, spec.num_chunks, count))
 
 
-# -- chunks ----------------------------------------------------------------------------------------------------
-def chunk_path(out: str | Path, chunk: int) -> Path:
-    return Path(out) / CHUNK_DIR / f"chunk_{chunk:06d}.npz"
-
-
+# -- generating, running and merging ---------------------------------------------------------------------------
 def generate_chunk(pipe, spec: RunSpec, chunk: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tokens int64 [n,h,w] and images uint8 [n,H,W,3] of one chunk, with the run's settings (not the bundle's)."""
     span = spec.chunk_range(chunk)
@@ -229,106 +214,7 @@ def generate_chunk(pipe, spec: RunSpec, chunk: int, batch_size: int | None = Non
     return out.tokens, out.images
 
 
-def write_chunk(out: str | Path, spec: RunSpec, chunk: int, tokens: np.ndarray, images: np.ndarray) -> Path:
-    span = spec.chunk_range(chunk)
-    arrays = {"indices": np.arange(span.start, span.stop, dtype=np.int64), "labels": spec.labels[span.start:span.stop],
-              "tokens": np.ascontiguousarray(tokens, dtype=np.int64), "images": np.ascontiguousarray(images, np.uint8)}
-    bad = _shape_problem(spec, len(span), arrays)
-    if bad:
-        raise ChunkError(f"chunk {chunk}: generated {bad}")
-    arrays["run_id"] = np.asarray(spec.run_id)
-    arrays["checksum"] = np.asarray(_checksum(spec.run_id, arrays))
-    path = chunk_path(out, chunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, array in arrays.items():
-            with zf.open(_zip_info(name), "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, array, allow_pickle=False)
-    _atomic_write(path, buffer.getvalue())
-    return path
 
-
-def read_chunk(out: str | Path, spec: RunSpec, chunk: int) -> dict[str, np.ndarray]:
-    """A chunk's arrays, verified (run id, indices, labels, shapes, checksum); ChunkError says what is wrong."""
-    path = chunk_path(out, chunk)
-    if not path.is_file():
-        raise ChunkError(f"chunk {chunk} is missing ({path})")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in (*CHUNK_KEYS, "run_id", "checksum")}
-    except Exception as exc:   # zipfile, numpy or OS errors: all mean an unreadable file
-        raise ChunkError(f"chunk {chunk} is unreadable ({type(exc).__name__}: {exc})") from None
-    span = spec.chunk_range(chunk)
-    if str(arrays["run_id"]) != spec.run_id:
-        raise ChunkError(f"chunk {chunk} belongs to another run")
-    bad = _shape_problem(spec, len(span), arrays)
-    if bad:
-        raise ChunkError(f"chunk {chunk} holds {bad}")
-    if not np.array_equal(arrays["indices"], np.arange(span.start, span.stop)):
-        raise ChunkError(f"chunk {chunk} holds the wrong image indices")
-    if not np.array_equal(arrays["labels"], spec.labels[span.start:span.stop]):
-        raise ChunkError(f"chunk {chunk} holds the wrong labels")
-    if str(arrays["checksum"]) != _checksum(spec.run_id, arrays):
-        raise ChunkError(f"chunk {chunk} fails its checksum")
-    return arrays
-
-
-def chunk_problem(out: str | Path, spec: RunSpec, chunk: int) -> str | None:
-    """None when the chunk is complete and verified, else why not ('missing', or what is wrong)."""
-    if not chunk_path(out, chunk).is_file():
-        return "missing"
-    try:
-        read_chunk(out, spec, chunk)
-    except ChunkError as exc:
-        return str(exc)
-    return None
-
-
-class Claim:
-    """An exclusive flock on one chunk's lock file: its holder alone may write that chunk."""
-
-    def __init__(self, fd: int):
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)          # closing the descriptor drops the lock
-            self._fd = None
-
-
-def try_claim(out: str | Path, chunk: int, blocking: bool = False) -> Claim | None:
-    """Lock chunk `chunk` for writing (None when another process holds it and `blocking` is False); temporary
-    files a killed writer left behind are removed once the lock is held."""
-    path = chunk_path(out, chunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    return Claim(fd)
-
-
-def claims(out: str | Path, spec: RunSpec, chunks: Sequence[int]) -> Iterator[tuple[int, Claim]]:
-    """The chunks still to make, each claimed. Chunks another process is making are left for last, then waited
-    for; chunks found complete once claimed are skipped. The caller releases each claim."""
-    deferred = []
-    for blocking, todo in ((False, chunks), (True, deferred)):
-        for chunk in todo:
-            claim = try_claim(out, chunk, blocking)
-            if claim is None:
-                deferred.append(chunk)
-            elif chunk_problem(out, spec, chunk) is None:
-                claim.release()
-            else:
-                yield chunk, claim
-
-
-# -- running and merging ---------------------------------------------------------------------------------------
 @dataclass
 class Stats:
     chunks: int = 0                 # chunks of this invocation (its shard)
@@ -413,11 +299,11 @@ def merge(out: str | Path, spec: RunSpec, png: bool = False) -> Path:
     Streamed chunk by chunk, so memory holds one chunk, not the whole array."""
     out = Path(out)
     target = out / SAMPLES
-    with _flock(out / ".run.lock"):
-        fd, tmp = _mkstemp(target)
+    with flock(out / ".run.lock"):
+        fd, tmp = mkstemp(target)
         try:
             with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                with zf.open(_zip_info("arr_0"), "w", force_zip64=True) as f:
+                with zf.open(zip_info("arr_0"), "w", force_zip64=True) as f:
                     header = {"descr": "|u1", "fortran_order": False, "shape": (spec.num_images, *spec.image_shape)}
                     np.lib.format.write_array_header_1_0(f, header)
                     for chunk in range(spec.num_chunks):
@@ -425,7 +311,7 @@ def merge(out: str | Path, spec: RunSpec, png: bool = False) -> Path:
                         f.write(arrays["images"].tobytes())
                         if png:
                             _write_pngs(out / PNG_DIR, spec, arrays)
-                with zf.open(_zip_info("arr_1"), "w", force_zip64=True) as f:
+                with zf.open(zip_info("arr_1"), "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, spec.labels, allow_pickle=False)
             os.replace(tmp, target)
         except BaseException:
@@ -441,59 +327,3 @@ def _write_pngs(folder: Path, spec: RunSpec, arrays: dict) -> None:
         path = folder / f"{index:06d}_{safe_filename(name)}.png"
         if not path.exists():
             save_png(image, path)
-
-
-# -- helpers ---------------------------------------------------------------------------------------------------
-def _shape_problem(spec: RunSpec, n: int, arrays: Mapping[str, np.ndarray]) -> str | None:
-    expected = {"indices": ((n,), np.int64), "labels": ((n,), np.int64),
-                "tokens": ((n, *spec.token_shape), np.int64), "images": ((n, *spec.image_shape), np.uint8)}
-    for key, (shape, dtype) in expected.items():
-        if arrays[key].shape != tuple(shape) or arrays[key].dtype != dtype:
-            return f"{key} {arrays[key].dtype}{list(arrays[key].shape)}, expected {np.dtype(dtype)}{list(shape)}"
-    return None
-
-
-def _checksum(run_id: str, arrays: Mapping[str, np.ndarray]) -> str:
-    digest = hashlib.sha256(run_id.encode())
-    for key in CHUNK_KEYS:
-        array = np.ascontiguousarray(arrays[key])
-        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(array.data)
-    return digest.hexdigest()
-
-
-def _zip_info(name: str) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)   # fixed time: equal runs, equal bytes
-    info.compress_type = zipfile.ZIP_STORED
-    info.external_attr = 0o644 << 16
-    return info
-
-
-def _mkstemp(path: Path) -> tuple[int, str]:
-    """A unique temporary file next to `path`, with the permissions a plain open() would give (not 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)
-    return fd, tmp
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = _mkstemp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def _flock(path: Path):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

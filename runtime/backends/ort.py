@@ -60,9 +60,10 @@ class OrtPrimitives:
                 session = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
             except Exception as exc:  # ORT raises its own exception types
                 raise BackendError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
-            declared = {t.name: (_ORT_TYPES.get(t.type, t.type), len(t.shape))
-                        for t in session.get_inputs() + session.get_outputs()}
-            check_component_io(component, declared, str(path))
+            tensors = session.get_inputs() + session.get_outputs()
+            declared = {t.name: (_ORT_TYPES.get(t.type, t.type), len(t.shape)) for t in tensors}
+            shapes = {t.name: tuple(s if isinstance(s, int) else None for s in t.shape) for t in tensors}
+            check_component_io(component, declared, str(path), shapes, self.manifest.dims)
             self._sessions[component] = session
         return self._sessions[component]
 

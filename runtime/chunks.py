@@ -1,0 +1,200 @@
+"""Chunk files of a sampling run (see `sample.py`): writing, reading and verifying them, and the locks that let one
+process alone write each chunk.
+
+    chunks/chunk_000012.npz     chunk 12: indices, labels, tokens, images, the run id and a sha256 checksum
+    chunks/chunk_000012.lock    flock held by the process producing chunk 12 (two processes never both write it)
+
+Every file is written to a unique temporary name and renamed into place; the npz files are written with fixed zip
+timestamps, so equal runs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import MaskbitError
+
+if TYPE_CHECKING:
+    from .sample import RunSpec
+
+CHUNK_DIR = "chunks"
+CHUNK_KEYS = ("indices", "labels", "tokens", "images")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+class ChunkError(MaskbitError, RuntimeError):
+    """A chunk file that should be complete is missing or fails verification."""
+
+
+# -- chunks ----------------------------------------------------------------------------------------------------
+def chunk_path(out: str | Path, chunk: int) -> Path:
+    return Path(out) / CHUNK_DIR / f"chunk_{chunk:06d}.npz"
+
+
+def write_chunk(out: str | Path, spec: RunSpec, chunk: int, tokens: np.ndarray, images: np.ndarray) -> Path:
+    span = spec.chunk_range(chunk)
+    arrays = {"indices": np.arange(span.start, span.stop, dtype=np.int64), "labels": spec.labels[span.start:span.stop],
+              "tokens": np.ascontiguousarray(tokens, dtype=np.int64), "images": np.ascontiguousarray(images, np.uint8)}
+    bad = shape_problem(spec, len(span), arrays)
+    if bad:
+        raise ChunkError(f"chunk {chunk}: generated {bad}")
+    arrays["run_id"] = np.asarray(spec.run_id)
+    arrays["checksum"] = np.asarray(checksum(spec.run_id, arrays))
+    path = chunk_path(out, chunk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(zip_info(name), "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, array, allow_pickle=False)
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
+def read_chunk(out: str | Path, spec: RunSpec, chunk: int) -> dict[str, np.ndarray]:
+    """A chunk's arrays, verified (run id, indices, labels, shapes, checksum); ChunkError says what is wrong."""
+    path = chunk_path(out, chunk)
+    if not path.is_file():
+        raise ChunkError(f"chunk {chunk} is missing ({path})")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in (*CHUNK_KEYS, "run_id", "checksum")}
+    except Exception as exc:   # zipfile, numpy or OS errors: all mean an unreadable file
+        raise ChunkError(f"chunk {chunk} is unreadable ({type(exc).__name__}: {exc})") from None
+    span = spec.chunk_range(chunk)
+    if str(arrays["run_id"]) != spec.run_id:
+        raise ChunkError(f"chunk {chunk} belongs to another run")
+    bad = shape_problem(spec, len(span), arrays)
+    if bad:
+        raise ChunkError(f"chunk {chunk} holds {bad}")
+    if not np.array_equal(arrays["indices"], np.arange(span.start, span.stop)):
+        raise ChunkError(f"chunk {chunk} holds the wrong image indices")
+    if not np.array_equal(arrays["labels"], spec.labels[span.start:span.stop]):
+        raise ChunkError(f"chunk {chunk} holds the wrong labels")
+    if str(arrays["checksum"]) != checksum(spec.run_id, arrays):
+        raise ChunkError(f"chunk {chunk} fails its checksum")
+    return arrays
+
+
+def chunk_problem(out: str | Path, spec: RunSpec, chunk: int) -> str | None:
+    """None when the chunk is complete and verified, else why not ('missing', or what is wrong)."""
+    if not chunk_path(out, chunk).is_file():
+        return "missing"
+    try:
+        read_chunk(out, spec, chunk)
+    except ChunkError as exc:
+        return str(exc)
+    return None
+
+
+class Claim:
+    """An exclusive flock on one chunk's lock file: its holder alone may write that chunk."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)          # closing the descriptor drops the lock
+            self._fd = None
+
+
+def try_claim(out: str | Path, chunk: int, blocking: bool = False) -> Claim | None:
+    """Lock chunk `chunk` for writing (None when another process holds it and `blocking` is False); temporary
+    files a killed writer left behind are removed once the lock is held."""
+    path = chunk_path(out, chunk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    return Claim(fd)
+
+
+def claims(out: str | Path, spec: RunSpec, chunks: Sequence[int]) -> Iterator[tuple[int, Claim]]:
+    """The chunks still to make, each claimed. Chunks another process is making are left for last, then waited
+    for; chunks found complete once claimed are skipped. The caller releases each claim."""
+    deferred = []
+    for blocking, todo in ((False, chunks), (True, deferred)):
+        for chunk in todo:
+            claim = try_claim(out, chunk, blocking)
+            if claim is None:
+                deferred.append(chunk)
+            elif chunk_problem(out, spec, chunk) is None:
+                claim.release()
+            else:
+                yield chunk, claim
+
+
+
+# -- files -----------------------------------------------------------------------------------------------------
+def shape_problem(spec: RunSpec, n: int, arrays: Mapping[str, np.ndarray]) -> str | None:
+    expected = {"indices": ((n,), np.int64), "labels": ((n,), np.int64),
+                "tokens": ((n, *spec.token_shape), np.int64), "images": ((n, *spec.image_shape), np.uint8)}
+    for key, (shape, dtype) in expected.items():
+        if arrays[key].shape != tuple(shape) or arrays[key].dtype != dtype:
+            return f"{key} {arrays[key].dtype}{list(arrays[key].shape)}, expected {np.dtype(dtype)}{list(shape)}"
+    return None
+
+
+def checksum(run_id: str, arrays: Mapping[str, np.ndarray]) -> str:
+    digest = hashlib.sha256(run_id.encode())
+    for key in CHUNK_KEYS:
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+def zip_info(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)   # fixed time: equal runs, equal bytes
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def mkstemp(path: Path) -> tuple[int, str]:
+    """A unique temporary file next to `path`, with the permissions a plain open() would give (not 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = mkstemp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def flock(path: Path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
