@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from maskbit.demo_quality import evaluate_bundle
+from maskbit.evaluation.demo import evaluate_bundle
 from maskbit_runtime.cli import DEMO_BUNDLE
 
 bundle = Path(sys.argv[1]) if len(sys.argv) > 1 else DEMO_BUNDLE

@@ -7,7 +7,8 @@ from PIL import Image
 
 import maskbit
 from maskbit.demo_data import DEMO_CLASSES, demo_crops
-from maskbit.demo_quality import HELD_OUT_SEED, evaluate_bundle, train_classifier
+from maskbit.evaluation.demo import evaluate_bundle
+from maskbit.evaluation.demo_network import HELD_OUT_SEED, train_classifier
 from maskbit_runtime import Pipeline
 from maskbit_runtime.cli import DEMO_BUNDLE
 from maskbit_runtime.cli import main as run_cli
