@@ -177,5 +177,7 @@ class Tokenizer(nn.Module):
 
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Decoder output [B,3,H,W] -> uint8 [B,H,W,3]: clamp to [0,1], x255, round (the exported decoder does the same)."""
-    return torch.round(images.clamp(0.0, 1.0) * 255.0).to(torch.uint8).permute(0, 2, 3, 1)
+    """Decoder output [B,3,H,W] -> uint8 [B,H,W,3]: clamp to [0,1], x255, round (the exported decoder does the same).
+    The cast comes last, so in the exported graph uint8 exists only as the graph's output (TensorRT's ONNX parser
+    refuses uint8 tensors inside a network)."""
+    return torch.round(images.clamp(0.0, 1.0) * 255.0).permute(0, 2, 3, 1).to(torch.uint8)

@@ -224,3 +224,17 @@ def test_guidance_zero_runs_only_the_unguided_step_and_matches_eager(bundles):
         out = pipe.generate(labels=[1, 2, 5], num_steps=5, guidance_scale=0.0, seed=3)
         assert {variant for variant, _ in pipe.backend._steppers} == {"step_unguided"}
     np.testing.assert_array_equal(out.tokens, eager.tokens)
+
+
+def test_uint8_appears_only_as_graph_input_or_output():
+    """TensorRT's ONNX parser refuses uint8 tensors inside a network: every Cast to uint8 must produce a graph
+    output directly (the shipped demo bundle is checked, since every bundle is exported by the same code)."""
+    import onnx
+    from maskbit_runtime.cli import DEMO_BUNDLE
+    for path in sorted(DEMO_BUNDLE.glob("*.onnx")):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        outputs = {o.name for o in graph.output}
+        for node in graph.node:
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if node.op_type == "Cast" and to == onnx.TensorProto.UINT8:
+                assert set(node.output) <= outputs, f"{path.name}: {node.name} casts to uint8 inside the graph"
