@@ -13,6 +13,8 @@ from .bundle import PRECISIONS
 from .onnx_export import DEFAULT_OPSET
 from .tensorrt import PRECISIONS as ENGINE_PRECISIONS
 
+AOTI_DEVICES = ("cpu", "cuda")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
@@ -33,10 +35,14 @@ def main():
 @click.option("--opset", type=click.IntRange(min=17), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Precision of the exported ONNX generator graphs (int8: dynamically quantized weight matmuls).")
-@click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
-              help="onnx: ONNX files only; tensorrt: also build TensorRT engines (needs TensorRT and a GPU).")
+@click.option("--backend", type=click.Choice(["onnx", "tensorrt", "aoti"]), default="onnx", show_default=True,
+              help="onnx: ONNX files only; tensorrt: also build TensorRT engines (needs TensorRT and a GPU); "
+                   "aoti: also compile AOTInductor packages (.pt2) with PyTorch.")
 @click.option("--engine-precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
-              help="Precision of the TensorRT engines (with --backend tensorrt; default fp32).")
+              help="Precision of the TensorRT engines or AOTInductor packages (with --backend tensorrt|aoti; "
+                   "default fp32; aoti supports fp32 and bf16).")
+@click.option("--aoti-device", type=click.Choice(AOTI_DEVICES), default=None,
+              help="Device the AOTInductor packages are compiled for (with --backend aoti; default cpu).")
 @click.option("--with-transformer", is_flag=True,
               help="Also export the raw-logits transformer graph (benchmarks, studies); it shares the weights file.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -48,13 +54,21 @@ def main():
               help="Replace --out if it is a bundle (only once the new bundle is complete); never other folders.")
 @one_line_errors
 def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset, precision, backend,
-                  engine_precision, with_transformer, verify, class_names, force):
+                  engine_precision, aoti_device, with_transformer, verify, class_names, force):
     """Export the encoder, decoder and (with --generator) the generation step into a bundle."""
-    if engine_precision is not None and backend != "tensorrt":
-        raise click.UsageError("--engine-precision applies to engines: add --backend tensorrt")
+    if engine_precision is not None and backend == "onnx":
+        raise click.UsageError("--engine-precision applies to engines: add --backend tensorrt or aoti")
+    if aoti_device is not None and backend != "aoti":
+        raise click.UsageError("--aoti-device applies to AOTInductor packages: add --backend aoti")
+    if backend == "aoti" and engine_precision not in (None, "fp32", "bf16"):
+        raise click.UsageError(f"--backend aoti supports --engine-precision fp32 or bf16, not {engine_precision}")
     if backend == "tensorrt":       # fail before the long ONNX export when engines cannot be built here
         from maskbit_runtime.backends.tensorrt import import_tensorrt
         import_tensorrt()
+    if backend == "aoti" and aoti_device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise click.ClickException("--aoti-device cuda needs a CUDA GPU visible to PyTorch")
     import maskbit
 
     from .bundle import ExportOptions, build_bundle
@@ -69,11 +83,17 @@ def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset,
     manifest = build_bundle(out, tokenizer, generator, options=options, name=name, class_names=names,
                             provenance=provenance, force=force,
                             on_progress=lambda message: click.echo(f"  {message}", err=True))
-    if backend == "tensorrt":       # a failed engine build keeps the verified ONNX bundle, without engine entries
-        from .tensorrt import build_engines as build_trt
+    if backend in ("tensorrt", "aoti"):   # a failed build keeps the verified ONNX bundle, without engine entries
         try:
-            manifest = build_trt(out, precision=engine_precision or "fp32",
-                                 on_progress=lambda m: click.echo(f"  {m}", err=True))
+            if backend == "aoti":
+                from .aoti import build_aoti
+                manifest = build_aoti(out, tokenizer, generator, device=aoti_device or "cpu",
+                                      precision=engine_precision or "fp32", verify=verify,
+                                      on_progress=lambda m: click.echo(f"  {m}", err=True))
+            else:
+                from .tensorrt import build_engines as build_trt
+                manifest = build_trt(out, precision=engine_precision or "fp32",
+                                     on_progress=lambda m: click.echo(f"  {m}", err=True))
         except (MaskbitError, OSError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise click.ClickException(f"{reason} (the ONNX bundle {out} is complete and runs with the ort "

@@ -45,7 +45,8 @@ def open_pipeline(bundle: Path | None, backend: str):
 bundle_option = click.option("--bundle", type=click.Path(path_type=Path), default=None,
                              help="Bundle directory from `maskbit-export build-engines` (default: the demo bundle).")
 backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
-                              help="Execution backend: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu) or TensorRT.")
+                              help="Execution backend: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu), TensorRT, "
+                                   "or AOTInductor packages (aoti).")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
                             help="Images per run (default and upper limit: the bundle's max batch).")
 

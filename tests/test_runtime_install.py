@@ -8,7 +8,6 @@ about a minute.
 import json
 import os
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -23,8 +22,9 @@ def test_runtime_only_install_generates_without_torch(tmp_path):
     install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(ROOT)], capture_output=True,
                              text=True, timeout=900, env=environ, cwd=tmp_path)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
-    probe = subprocess.run([str(python), "-c", "import importlib.util, json; print(json.dumps("
-                            "{m: importlib.util.find_spec(m) is not None for m in ('torch', 'onnx', 'maskbit_runtime')}))"],
+    code = ("import importlib.util, json; print(json.dumps("
+            "{m: importlib.util.find_spec(m) is not None for m in ('torch', 'onnx', 'maskbit_runtime')}))")
+    probe = subprocess.run([str(python), "-c", code],
                            capture_output=True, text=True, timeout=60, env=environ, cwd=tmp_path)
     assert json.loads(probe.stdout) == {"torch": False, "onnx": False, "maskbit_runtime": True}, probe.stderr
     out = tmp_path / "samples.png"

@@ -1,4 +1,4 @@
-"""Execution backends of the runtime: ONNX Runtime ("ort") and TensorRT ("tensorrt").
+"""Execution backends of the runtime: ONNX Runtime ("ort"), TensorRT ("tensorrt") and AOTInductor ("aoti").
 
 Each backend provides only device primitives (`base.Primitives`); `base.Executor` composes them into
 generation, so every backend runs the same stepper and the same combine-then-decode.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .base import BackendError, Executor, Primitives
 
-BACKENDS = ("ort", "tensorrt")
+BACKENDS = ("ort", "tensorrt", "aoti")
 
 
 def open_backend(name: str, manifest, **options) -> Executor:
@@ -19,6 +19,9 @@ def open_backend(name: str, manifest, **options) -> Executor:
     if name == "tensorrt":
         from .tensorrt import TensorRTPrimitives
         return Executor(TensorRTPrimitives(manifest, **options), manifest)
+    if name == "aoti":
+        from .aoti import AotiPrimitives          # imports torch: only this backend does
+        return Executor(AotiPrimitives(manifest, **options), manifest)
     raise BackendError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 

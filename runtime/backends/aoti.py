@@ -1,0 +1,171 @@
+"""AOTInductor primitives: one compiled `.pt2` package per component, torch tensors on one device as buffers.
+
+The shared executor (`base.Executor`) drives these like the other backends: its two step bindings differ only in
+which token tensor is `tokens` and which is `next_tokens`, so the state stays on the device and ping-pongs.
+A compiled package returns new tensors, so `run` copies them into the bound output buffers (`copy_`, on the
+device). On a GPU, `cuda_graphs=True` captures each step binding (the package call and its copies) in a CUDA
+graph on its first run and replays it afterwards; uploads write into the same static buffers.
+
+Packages are tied to the PyTorch version that compiled them and to their device (cpu or cuda); the manifest's
+record of both is compared with this process before any package is loaded. torch is imported only when this
+backend is opened (pip install 'maskbit[torch]'); the ONNX Runtime path never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import MissingDependencyError
+from ..manifest import Manifest
+from ..specs import COMPONENTS
+from .base import BackendError
+
+DEVICES = ("cpu", "cuda")
+PACKAGE_KEYS = ("package", "package_sha256", "package_precision", "package_device", "torch_version")
+REBUILD = "rebuild with maskbit-export build-engines --backend aoti"
+RUNTIME_COMPONENTS = ("encoder", "decoder", "step", "step_unguided", "combine")
+COMPONENT_KEY = "maskbit_component"     # package metadata written by maskbit_export.aoti
+GRAPHED = ("step", "step_unguided")     # the components replayed as CUDA graphs
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("the AOTInductor backend needs PyTorch: pip install 'maskbit[torch]'") from None
+    return torch
+
+
+def check_packages(manifest: Manifest, torch_version: str, device: str) -> None:
+    """Raise BackendError unless every component the runtime needs has a package for this torch and device."""
+    components = manifest.components
+    missing = [n for n in RUNTIME_COMPONENTS if n in components and components[n].package is None]
+    if missing:
+        raise BackendError(f"bundle {manifest.root} has no AOTInductor package for {', '.join(missing)}; build them "
+                           f"with maskbit-export build-engines --backend aoti (or maskbit_export.aoti.build_aoti)")
+    for entry in components.values():
+        if entry.package is None:
+            continue
+        if entry.torch_version != torch_version or entry.package_device != device:
+            raise BackendError(f"package {entry.package} was compiled for {entry.package_device} with torch "
+                               f"{entry.torch_version}, but this is {device} with torch {torch_version}; {REBUILD}")
+
+
+def default_device(manifest: Manifest) -> str:
+    """The device the bundle's packages were compiled for (all of them must agree)."""
+    devices = sorted({e.package_device for e in manifest.components.values() if e.package is not None})
+    if len(devices) > 1:
+        raise BackendError(f"bundle {manifest.root} mixes packages for {' and '.join(devices)}; {REBUILD}")
+    return devices[0] if devices else "cpu"
+
+
+class AotiPrimitives:
+    name = "aoti"
+
+    def __init__(self, manifest: Manifest, device: str | None = None, cuda_graphs: bool = False):
+        self.torch = torch = import_torch()
+        device = device or default_device(manifest)
+        if device not in DEVICES:
+            raise BackendError(f"AOTInductor device {device!r} is not supported; expected one of {', '.join(DEVICES)}")
+        check_packages(manifest, torch.__version__, device)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("the bundle's AOTInductor packages are compiled for cuda, but PyTorch sees no CUDA "
+                               "GPU here; rebuild with --aoti-device cpu to run on the CPU")
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.cuda_graphs = bool(cuda_graphs) and device == "cuda"
+        self._packages: dict[str, Any] = {}
+
+    def package(self, component: str):
+        if component not in self._packages:
+            path = self.manifest.file(component, "package")        # confined and hash-checked first
+            try:
+                runner = self.torch._inductor.aoti_load_package(
+                    str(path), device_index=(self.device.index or 0) if self.device.type == "cuda" else -1)
+            except Exception as exc:  # the loader raises RuntimeError with a C++ message
+                raise BackendError(f"AOTInductor cannot load {path.name}: {str(exc).splitlines()[0]}; "
+                                   f"{REBUILD}") from None
+            found = runner.get_metadata().get(COMPONENT_KEY)
+            if found != component:
+                raise BackendError(f"{path.name} holds component {found!r}, not {component!r}; the file does not "
+                                   f"belong to this bundle")
+            self._packages[component] = runner
+        return self._packages[component]
+
+    def allocate(self, shape: tuple[int, ...], dtype: str):
+        return self.torch.empty(shape, dtype=getattr(self.torch, np.dtype(dtype).name), device=self.device)
+
+    def upload(self, buffer, array: np.ndarray) -> None:
+        if tuple(array.shape) != tuple(buffer.shape):
+            raise BackendError(f"cannot upload an array of shape {list(array.shape)} into a buffer of shape "
+                               f"{list(buffer.shape)}")
+        buffer.copy_(self.torch.as_tensor(array))          # as_tensor keeps 0-d scalars 0-d
+
+    def download(self, buffer) -> np.ndarray:
+        return buffer.cpu().numpy().copy()          # on the CPU, .cpu() is the reused buffer itself
+
+    def bind(self, component: str, buffers: Mapping[str, Any]) -> Binding:
+        spec = COMPONENTS[component]
+        return Binding(component, self.package(component), [buffers[t.name] for t in spec.inputs],
+                       [buffers[t.name] for t in spec.outputs])
+
+    def run(self, binding: Binding) -> None:
+        if self.cuda_graphs and binding.component in GRAPHED:
+            self._replay(binding)
+        else:
+            with self.torch.inference_mode():
+                binding.call()
+
+    def _replay(self, binding: Binding) -> None:
+        torch = self.torch
+        if binding.graph is None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), torch.inference_mode():
+                binding.call()                                   # warm-up: loads kernels, sizes the workspace
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.inference_mode():
+                binding.call()
+            binding.graph = graph
+        binding.graph.replay()
+
+    def describe(self) -> dict:
+        torch = self.torch
+        info = {"backend": self.name, "torch": torch.__version__, "device": str(self.device),
+                "cuda_graphs": self.cuda_graphs,
+                "packages": {k: v.package for k, v in self.manifest.components.items() if v.package}}
+        if self.device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(self.device)
+        return info
+
+    def close(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+        self._packages.clear()
+
+
+class Binding:
+    """A component's package with its input and output buffers; `call` runs it and copies the outputs in."""
+
+    def __init__(self, component: str, runner, inputs: list, outputs: list):
+        self.component = component
+        self.runner = runner
+        self.inputs = inputs
+        self.outputs = outputs
+        self.graph = None
+
+    def call(self) -> None:
+        results = self.runner(*self.inputs)
+        results = (results,) if not isinstance(results, (tuple, list)) else results
+        if len(results) != len(self.outputs):
+            raise BackendError(f"{self.component}: the package returned {len(results)} outputs, the bundle contract "
+                               f"has {len(self.outputs)}")
+        for result, buffer in zip(results, self.outputs):
+            if result.shape != buffer.shape or result.dtype != buffer.dtype:
+                raise BackendError(f"{self.component}: the package returned {result.dtype} {list(result.shape)}, "
+                                   f"the buffer is {buffer.dtype} {list(buffer.shape)}")
+            buffer.copy_(result)
