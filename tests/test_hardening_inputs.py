@@ -47,13 +47,16 @@ def test_thin_png_is_cropped_before_it_is_resized(tmp_path):
     path = tmp_path / "thin.png"
     Image.fromarray(np.full((1, 400_000), 77, np.uint8)).save(path)
     assert path.stat().st_size < 2000
-    script = ("import resource, time, numpy as np\nfrom maskbit_runtime.images import load_image\n"
+    # peak memory from VmHWM (per address space, so it starts afresh at exec; ru_maxrss would include the forked
+    # pytest parent's pages)
+    script = ("import re, time, numpy as np\nfrom maskbit_runtime.images import load_image\n"
               f"t = time.perf_counter(); a = load_image({str(path)!r}, 256); t = time.perf_counter() - t\n"
-              "print(a.shape, int(a.min()), int(a.max()), t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+              "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+              "print(a.shape, int(a.min()), int(a.max()), t, hwm)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=60,
                          check=True).stdout.split()
     assert out[:5] == ["(256,", "256,", "3)", "77", "77"]
-    assert float(out[5]) < 1.0, out                     # seconds
+    assert float(out[5]) < 5.0, out                     # seconds (25 s before; generous for a loaded machine)
     assert int(out[6]) < 600_000, out                   # peak RSS in KiB, interpreter and onnxruntime included
 
 
@@ -250,7 +253,7 @@ def test_metadata_asking_for_a_huge_model_is_refused_before_building(tmp_path, m
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("depth", True, "generator.depth must be an integer, got True"),
     ("depth", 2.5, "generator.depth must be an integer, got 2.5"),
-    ("depth", 0, "generator.depth must be >= 1|generator.depth must be in 1..1024, got 0"),
+    ("depth", -1, "generator.depth must be >= 0|generator.depth must be in 0..1024, got -1"),
     ("dropout", 1.0, r"generator.dropout must be in \[0, 1\), got 1.0"),
     ("num_classes", "1000", "generator.num_classes must be an integer, got '1000'"),
 ])
