@@ -104,7 +104,8 @@ status=$?
 set -e
 if [[ $status -ne 0 && $status -ne 5 ]]; then exit "$status"; fi          # 5: nothing selected
 if [[ "$GPU" != "1" ]]; then
-    echo "gpu_suite: PyTorch sees no CUDA GPU here; the GPU tests skipped with the reasons above (exit 0)"
+    echo "gpu_suite: PyTorch sees no CUDA GPU here; the GPU tests skipped with the reasons above, and the" \
+         "throughput benchmark is skipped (exit 0)"
     exit 0
 fi
 
@@ -128,3 +129,9 @@ if [[ "$passed" == "0" && "${MASKBIT_GPU_SUITE_ALLOW_SKIPS:-0}" != "1" ]]; then
     exit 3
 fi
 echo "gpu_suite: $passed GPU tests passed, and tests/test_aoti.py passed"
+
+# throughput at the 14-bit size, batch 64: 16 steps by default so the four cases fit the lent machine's minutes
+# (MASKBIT_GPU_STEPS=64 for the full schedule); JSON to $OUT when set
+echo "== throughput (benchmarks/gpu_throughput.py)"
+"$PYTHON" benchmarks/gpu_throughput.py --size full --batch "${MASKBIT_GPU_BATCH:-64}" \
+    --steps "${MASKBIT_GPU_STEPS:-16}" --rounds 1 ${OUT:+--out "$OUT"}

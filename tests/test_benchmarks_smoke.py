@@ -6,6 +6,7 @@ while `pytest benchmarks --benchmark-only` (the real run) must not inherit that 
 """
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,17 @@ def test_benchmark_suite_runs_at_tiny_size(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=BENCHMARKS.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+def test_gpu_throughput_script_runs_on_cpu_at_tiny_size(tmp_path):
+    """The GPU tier's throughput script (scripts/gpu_suite.sh runs it on a GPU) with every case at tiny size on
+    the CPU: what the CPU cannot run (TF32) is skipped with a reason, the rest reports its figures."""
+    command = [sys.executable, str(BENCHMARKS / "gpu_throughput.py"), "--size", "tiny", "--batch", "2", "--steps",
+               "2", "--rounds", "1", "--device", "cpu", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=BENCHMARKS.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_throughput.json").read_text())
+    assert set(report["cases"]) == {"eager_fp32", "eager_bf16", "aoti_bf16"}, report["skipped"]
+    assert report["skipped"] == {"eager_tf32": "TF32 exists only on CUDA"}
+    for case in report["cases"].values():
+        assert case["images_per_s"] > 0 and case["decoder_ms"] > 0 and case["host_syncs_per_generation"] is None
