@@ -491,3 +491,35 @@ def test_fuzzed_component_headers_raise_only_maskbit_errors(fuzz_bundle, compone
     finally:
         shutil.copy(DEMO_BUNDLE / f"{component}.onnx", fuzz_bundle / "new.tmp")
         os.replace(fuzz_bundle / "new.tmp", target)
+
+
+class _FakeOrt:
+    """onnxruntime as a package built with CUDA whose CUDA provider fails to load (the common broken install)."""
+
+    __version__ = "0.0-test"
+
+    def __init__(self, real):
+        self.real, self.SessionOptions, self.OrtValue = real, real.SessionOptions, real.OrtValue
+
+    def get_available_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def InferenceSession(self, path, options, providers, provider_options):   # noqa: N802 (onnxruntime's name)
+        assert provider_options[0] == {"use_tf32": "0"} and provider_options[1] == {}
+        return self.real.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def test_a_cuda_provider_that_does_not_load_is_one_clear_error(monkeypatch, tmp_path):
+    import onnxruntime
+
+    from maskbit_runtime.backends import ort as ort_backend
+    monkeypatch.setattr(ort_backend, "import_ort", lambda: _FakeOrt(onnxruntime))
+    with Pipeline.load(DEMO_BUNDLE, provider_options={"CUDAExecutionProvider": {"use_tf32": "0"}}) as pipe:
+        assert pipe.backend.primitives.device == "cuda"
+        with pytest.raises(BackendError, match="could not start its CUDA provider for decoder.onnx .*fell back to "
+                                               "CPUExecutionProvider"):
+            pipe.backend.primitives.session("decoder")
+        with pytest.raises(BackendError, match="cannot allocate cuda memory .* is its cuda provider usable here"):
+            pipe.decode(np.zeros((1, 16, 16), np.int64))      # this CPU package cannot allocate on cuda at all
+    with pytest.raises(BackendError, match="provider options for TensorrtExecutionProvider"):
+        Pipeline.load(DEMO_BUNDLE, provider_options={"TensorrtExecutionProvider": {}})

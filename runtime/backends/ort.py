@@ -34,7 +34,10 @@ def import_ort():
 class OrtPrimitives:
     name = "ort"
 
-    def __init__(self, manifest: Manifest, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, manifest: Manifest, providers: list[str] | None = None, threads: int | None = None,
+                 provider_options: dict[str, dict[str, str]] | None = None):
+        """`provider_options`: per provider name, e.g. {"CUDAExecutionProvider": {"use_tf32": "0"}} for exact
+        float32 parity on GPUs (ONNX Runtime's CUDA provider uses TF32 by default)."""
         self.ort = import_ort()
         available = self.ort.get_available_providers()
         if providers is None:
@@ -45,6 +48,11 @@ class OrtPrimitives:
         self.manifest = manifest
         self.providers = providers
         self.device = "cuda" if providers[0] == CUDA else "cpu"
+        unknown = set(provider_options or {}) - set(providers)
+        if unknown:
+            raise BackendError(f"provider options for {', '.join(sorted(unknown))}, which is not among the providers "
+                               f"{', '.join(providers)}")
+        self.provider_options = [dict((provider_options or {}).get(p, {})) for p in providers]
         self.options = self.ort.SessionOptions()
         if threads:
             self.options.intra_op_num_threads = threads
@@ -57,9 +65,16 @@ class OrtPrimitives:
             if entry.data_file is not None:
                 self.manifest.file(component, "data_file")      # confined and hash-checked before ORT reads it
             try:
-                session = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+                session = self.ort.InferenceSession(str(path), self.options, providers=self.providers,
+                                                    provider_options=self.provider_options)
             except Exception as exc:  # ORT raises its own exception types
                 raise BackendError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
+            # get_available_providers() lists what the package was built with, not what loads: a CUDA provider
+            # whose libraries are missing silently falls back to the CPU, so check what the session really uses
+            if self.device == "cuda" and CUDA not in session.get_providers():
+                raise BackendError(f"ONNX Runtime could not start its CUDA provider for {path.name} (it fell back "
+                                   f"to {', '.join(session.get_providers())}); check that the CUDA and cuDNN "
+                                   f"libraries onnxruntime-gpu {self.ort.__version__} needs are installed")
             tensors = session.get_inputs() + session.get_outputs()
             declared = {t.name: (_ORT_TYPES.get(t.type, t.type), len(t.shape)) for t in tensors}
             shapes = {t.name: tuple(s if isinstance(s, int) else None for s in t.shape) for t in tensors}
@@ -68,7 +83,11 @@ class OrtPrimitives:
         return self._sessions[component]
 
     def allocate(self, shape: tuple[int, ...], dtype: str):
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype), self.device, 0)
+        try:
+            return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype), self.device, 0)
+        except Exception as exc:  # ORT raises its own exception types
+            raise BackendError(f"ONNX Runtime cannot allocate {self.device} memory ({str(exc).splitlines()[0]}); "
+                               f"is its {self.device} provider usable here?") from None
 
     def upload(self, buffer, array: np.ndarray) -> None:
         buffer.update_inplace(np.ascontiguousarray(array))
