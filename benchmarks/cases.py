@@ -13,7 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from maskbit_export.tolerances import tolerance
-from maskbit_export.verify import compare, distribution_report, eager_logits, run_eager, session_logits
+from maskbit_export.verify import (compare, distribution_report, eager_logits, run_eager, session_logits,
+                                   step_feeds)
 from maskbit_runtime import specs
 from maskbit_runtime.loop import run_loop
 from maskbit_runtime.noise import StepNoise
@@ -87,9 +88,8 @@ def step_checks(generator, pipelines, labels: np.ndarray, gate: dict) -> dict[st
     cfg = generator.config
     plan, settings = sampling_plan(generator, generator.sampling_config.num_steps)
     params = plan[len(plan) // 2]
-    inputs = {specs.TOKENS: mid_generation_tokens(cfg, len(labels)), specs.LABELS: labels.astype(np.int64),
-              specs.NOISE: StepNoise(0, len(labels), cfg.num_tokens, cfg.codebook_splits).draw(),
-              **{n: np.array(getattr(params, n), dtype=specs.STEP.input(n).dtype) for n in specs.STEP_SCALARS}}
+    inputs = step_feeds(mid_generation_tokens(cfg, len(labels)), labels,
+                        StepNoise(0, len(labels), cfg.num_tokens, cfg.codebook_splits).draw(), params)
 
     def ort_fp32():
         session = pipelines["fp32"].backend.primitives.session("step")

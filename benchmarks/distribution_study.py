@@ -20,15 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def cpu_flags() -> list[str]:
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return [f for f in wanted if f in flags.split()]
+from maskbit_runtime.machine import cpu_info
 
 
 def models(name: str):
@@ -53,7 +45,7 @@ def study(name: str, steps: int | None, images: int) -> dict:
     plan = sampling.with_overrides(num_steps=steps).plan(cfg.num_tokens * cfg.codebook_splits)
     labels = np.random.default_rng(0).integers(0, cfg.num_classes, images).tolist()
     ort = import_ort()
-    report = {"model": name, "num_steps": len(plan), "images": images, "cpu_flags": cpu_flags(),
+    report = {"model": name, "num_steps": len(plan), "images": images, "cpu_flags": cpu_info()["isa"],
               "load_average": os.getloadavg(), "python": platform.python_version(), "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", "int8"):
@@ -82,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reports = []
-    print(f"cpu flags: {' '.join(cpu_flags())}; load average before: {os.getloadavg()}")
+    print(f"cpu flags: {' '.join(cpu_info()['isa'])}; load average before: {os.getloadavg()}")
     print(f"{'model':<26} {'candidate':<11} {'TV mean':>9} {'TV p99':>8} {'TV worst step':>13} {'KL mean':>9} "
           f"{'agreement':>9}")
     for name in args.model or ["demo"]:

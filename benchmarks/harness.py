@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from maskbit_runtime.machine import cpu_info
 
 # CPU time used by *other* processes while a group was timed, in cores (busy time of the whole machine from
 # /proc/stat minus this process's own CPU time, per wall second). An idle machine shows < 0.1; above the limit
 # the machine was shared and ratios between cases are not trustworthy (contention inflated them 1.5-2x before).
 # The load average is recorded too, but it counts this process's own threads and lags by minutes.
 LOAD_LIMIT = 0.25
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 
 # speed-up targets over eager fp32 per (group, case); int8 depends on the CPU's int8 dot-product instructions
 TARGETS = {("step", "ort_fp32"): {"any": 1.15},
@@ -35,21 +35,6 @@ TARGETS = {("step", "ort_fp32"): {"any": 1.15},
 
 class SharedMachineWarning(UserWarning):
     """The load average says other work ran while timing: the figures are not an idle machine's."""
-
-
-def cpu_info() -> dict:
-    """CPU model, the instruction sets that decide the kernels, core count and the load average now."""
-    model, flags = "?", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "?":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return {"cpu_model": model, "isa": [f for f in ISA_FLAGS if f in flags], "cpu_count": os.cpu_count(),
-            "load_average": list(os.getloadavg())}
 
 
 def target_for(group: str, case: str, isa: list[str]) -> float | None:

@@ -12,18 +12,17 @@ import logging
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import ray
 from maskbit_runtime.cli import DEMO_BUNDLE
+from maskbit_runtime.machine import cpu_info
 from maskbit_runtime.manifest import Manifest
 from maskbit_runtime.sample import make_spec, run
 
 
 def main() -> None:
-    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags]
-    print(f"cpus {os.cpu_count()}, isa {' '.join(isa)}, load average before {os.getloadavg()}")
+    machine = cpu_info()
+    print(f"cpus {machine['cpu_count']}, isa {' '.join(machine['isa'])}, load average before {os.getloadavg()}")
     spec = make_spec(Manifest.load(DEMO_BUNDLE), {"per_class": 4, "classes": list(range(8))}, seed=0, chunk_size=4)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     modes = [("no Ray", {}), ("Ray, 1 worker", {"ray_address": "local", "workers": 1}),

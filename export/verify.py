@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from maskbit_runtime.errors import MaskbitError
+from maskbit_runtime.machine import cpu_info
 from maskbit_runtime.specs import (COMPONENTS, DROP_LABEL_MASK, LABELS, LOGITS, NEXT_TOKENS, NOISE, SAMPLED, STEP,
                                    STEP_SCALARS, TOKENS, ComponentSpec, Dims)
 from maskbit_runtime.tokens import combine_groups
@@ -48,6 +49,13 @@ def compare(expected: np.ndarray, actual: np.ndarray, tol: dict[str, float]) -> 
         passed &= result["mismatch_fraction"] <= tol["max_mismatch_fraction"]
     result["passed"] = bool(passed)
     return result
+
+
+def step_feeds(tokens: np.ndarray, labels: np.ndarray, noise: np.ndarray, params) -> dict[str, np.ndarray]:
+    """The step's inputs by name: the state, labels and noise, and one plan entry's scalars in their dtypes."""
+    feeds = {TOKENS: tokens, LABELS: np.asarray(labels, dtype=np.int64), NOISE: noise}
+    feeds.update({n: np.array(getattr(params, n), dtype=STEP.input(n).dtype) for n in STEP_SCALARS})
+    return feeds
 
 
 def run_eager(module: nn.Module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -96,8 +104,7 @@ def teacher_forced_agreement(step: nn.Module, session, labels: list[int], plan, 
     tokens = np.full((len(labels), cfg.num_tokens, cfg.codebook_splits), cfg.mask_token, dtype=np.int64)
     agreeing, drawn, per_step = 0, 0, []
     for params in plan:
-        inputs = {TOKENS: tokens, LABELS: labels, NOISE: noise.draw()}
-        inputs.update({name: np.array(getattr(params, name), dtype=STEP.input(name).dtype) for name in STEP_SCALARS})
+        inputs = step_feeds(tokens, labels, noise.draw(), params)
         reference = run_eager(step, STEP, inputs)
         sampled = session.run([SAMPLED], inputs)[0]
         masked = tokens == cfg.mask_token
@@ -198,9 +205,7 @@ def eager_advance(generator: Generator):
     step = GenerationStep(generator).eval()
 
     def advance(tokens, labels, noise, params):
-        inputs = {TOKENS: tokens, LABELS: labels, NOISE: noise}
-        inputs.update({n: np.array(getattr(params, n), dtype=STEP.input(n).dtype) for n in STEP_SCALARS})
-        return run_eager(step, STEP, inputs)[NEXT_TOKENS]
+        return run_eager(step, STEP, step_feeds(tokens, labels, noise, params))[NEXT_TOKENS]
     return advance
 
 
@@ -209,7 +214,7 @@ def distribution_report(generator: Generator, candidate, labels: list[int], plan
     cfg = generator.config
     result = teacher_forced_distances(eager_logits(generator), candidate, eager_advance(generator), labels, plan,
                                       cfg.mask_token, (cfg.num_tokens, cfg.codebook_splits))
-    result.update(gate=GATES[precision], passed=passes(result, precision), cpu_flags=cpu_flags())
+    result.update(gate=GATES[precision], passed=passes(result, precision), cpu_flags=cpu_info()["isa"])
     return result
 
 
@@ -219,14 +224,3 @@ def _verify_distribution(root: Path, generator: Generator, labels: list[int], pr
     session = import_ort().InferenceSession(str(root / COMPONENTS["transformer"].file),
                                             providers=["CPUExecutionProvider"])
     return distribution_report(generator, session_logits(session), labels, _gate_plan(generator), precision)
-
-
-def cpu_flags() -> list[str]:
-    """The instruction sets that decide reduced-precision kernels (int8 results depend on them)."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return [w for w in wanted if w in flags]

@@ -10,6 +10,7 @@ import numpy as np
 from .backends import Executor, open_backend
 from .errors import InputError
 from .loop import GenerationOutput, check_labels, sample
+from .machine import cpu_info
 from .manifest import BundleError, Manifest
 from .sampling import SamplingSettings
 
@@ -41,9 +42,6 @@ class Pipeline:
         if self.manifest.sampling is None:
             raise BundleError(f"bundle {self.manifest.root} has no generator (it was built from a tokenizer alone)")
         return self.manifest.sampling
-
-    def sampling_defaults(self) -> dict:
-        return self.sampling.to_dict()
 
     def generate(self, labels: Sequence[int], num_steps: int | None = None, guidance_scale: float | None = None,
                  seed: int = 0, batch_size: int | None = None, on_step: Callable[[int], None] | None = None,
@@ -122,7 +120,7 @@ class Pipeline:
                 "components": {k: {"file": v.file, "precision": v.precision, "batch_profile": vars(v.batch_profile),
                                    **({"engine": v.engine} if v.engine else {})} for k, v in m.components.items()},
                 "num_classes": self.num_classes, "sampling": m.sampling.to_dict() if m.sampling else None,
-                "provenance": dict(m.provenance), "runtime": self.backend.describe()}
+                "provenance": dict(m.provenance), "runtime": self.backend.describe(), "machine": cpu_info()}
 
     def close(self) -> None:
         self.backend.close()
