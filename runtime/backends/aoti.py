@@ -20,13 +20,13 @@ import numpy as np
 
 from ..errors import MissingDependencyError
 from ..manifest import Manifest
-from ..specs import COMPONENTS
+from ..specs import COMPONENTS, DEFAULT_COMPONENTS
 from .base import BackendError
 
 DEVICES = ("cpu", "cuda")
 PACKAGE_KEYS = ("package", "package_sha256", "package_precision", "package_device", "torch_version")
 REBUILD = "rebuild with maskbit-export build-engines --backend aoti"
-RUNTIME_COMPONENTS = ("encoder", "decoder", "step", "step_unguided", "combine")
+RUNTIME_COMPONENTS = DEFAULT_COMPONENTS      # what the runtime executes (the transformer serves studies)
 COMPONENT_KEY = "maskbit_component"     # package metadata written by maskbit_export.aoti
 GRAPHED = ("step", "step_unguided")     # the components replayed as CUDA graphs
 

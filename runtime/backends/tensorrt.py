@@ -16,13 +16,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..manifest import Manifest
-from ..specs import COMPONENTS, ComponentSpec
+from ..specs import COMPONENTS, DEFAULT_COMPONENTS, ComponentSpec
 from .base import BackendError
 from .cuda import Device, Stream, gpu_info
 
 REBUILD = "rebuild with maskbit-export build-engines --backend tensorrt"
 # components the runtime executes; the raw transformer's engine serves verification and benchmarks only
-RUNTIME_COMPONENTS = ("encoder", "decoder", "step", "step_unguided", "combine")
+RUNTIME_COMPONENTS = DEFAULT_COMPONENTS
 
 
 def import_tensorrt():
