@@ -47,6 +47,7 @@ class ExportOptions:
     """How to export: batch profile, opset, precision of the graphs, verification, optional components."""
 
     max_batch: int = 8
+    opt_batch: int | None = None        # the batch engines are tuned for (TensorRT profile optimum); None: max_batch
     opset: int = DEFAULT_OPSET
     precision: str = "fp32"
     verify: bool = True
@@ -57,6 +58,15 @@ class ExportOptions:
             raise InputError(f"precision {self.precision!r} is not supported; expected one of {', '.join(PRECISIONS)}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= 4096:
             raise InputError(f"max batch must be an integer in [1, 4096], got {self.max_batch!r}")
+        if self.opt_batch is not None and (isinstance(self.opt_batch, bool) or not isinstance(self.opt_batch, int)
+                                           or not 1 <= self.opt_batch <= self.max_batch):
+            raise InputError(f"the optimum batch must be an integer in [1, max batch {self.max_batch}], "
+                             f"got {self.opt_batch!r}")
+
+    @property
+    def profile(self) -> BatchProfile:
+        """The batch profile every component is exported with: 1 .. max, tuned for opt (default max)."""
+        return BatchProfile(1, self.opt_batch or self.max_batch, self.max_batch)
 
 
 def _versions() -> dict[str, str]:
@@ -67,12 +77,12 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _entry(spec: ComponentSpec, path: Path, dims, precision: str, max_batch: int) -> ComponentEntry:
+def _entry(spec: ComponentSpec, path: Path, dims, precision: str, profile: BatchProfile) -> ComponentEntry:
     tensors = lambda side: tuple(TensorEntry(**{**t.to_dict(dims), "shape": tuple(t.to_dict(dims)["shape"])})
                                  for t in side)
     return ComponentEntry(file=path.name, file_sha256=sha256_file(path), precision=precision,
                           inputs=tensors(spec.inputs), outputs=tensors(spec.outputs),
-                          batch_profile=BatchProfile(1, max_batch, max_batch))
+                          batch_profile=profile)
 
 
 def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | None, *,
@@ -127,7 +137,7 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
             for component in names:
                 spec = COMPONENTS[component]
                 precision = options.precision if component in QUANTIZED_COMPONENTS else "fp32"
-                entry = _entry(spec, tmp / spec.file, dims, precision, options.max_batch)
+                entry = _entry(spec, tmp / spec.file, dims, precision, options.profile)
                 if component in shared:
                     entry = dataclasses.replace(entry, data_file=weights.name, data_file_sha256=sha256_file(weights))
                 components[component] = entry

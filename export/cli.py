@@ -30,8 +30,10 @@ def main():
               help="Official YAML or preset name (see `maskbit.PRESETS`); optional for our safetensors files.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to create.")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=8, show_default=True,
-              help="Largest batch of the dynamic batch profile (also the engines' optimum); bigger requests are "
-                   "split by the runtime.")
+              help="Largest batch of the dynamic batch profile; bigger requests are split by the runtime.")
+@click.option("--opt-batch", type=click.IntRange(1, 4096), default=None,
+              help="The batch TensorRT engines are tuned for (the profile's optimum): the batch you will run "
+                   "[default: --max-batch].")
 @click.option("--opset", type=click.IntRange(min=17), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Precision of the exported ONNX generator graphs (int8: dynamically quantized weight matmuls).")
@@ -40,7 +42,8 @@ def main():
                    "aoti: also compile AOTInductor packages (.pt2) with PyTorch.")
 @click.option("--engine-precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
               help="Precision of the TensorRT engines or AOTInductor packages (with --backend tensorrt|aoti; "
-                   "default fp32; aoti supports fp32 and bf16).")
+                   "default fp32): fp32 (TF32 off, exact), tf32, fp16 or bf16 (TensorRT 10 only; the sampler stays "
+                   "fp32); aoti supports fp32 and bf16.")
 @click.option("--aoti-device", type=click.Choice(AOTI_DEVICES), default=None,
               help="Device the AOTInductor packages are compiled for (with --backend aoti; default cpu).")
 @click.option("--with-transformer", is_flag=True,
@@ -53,9 +56,11 @@ def main():
 @click.option("--force", is_flag=True,
               help="Replace --out if it is a bundle (only once the new bundle is complete); never other folders.")
 @one_line_errors
-def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset, precision, backend,
+def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opt_batch, opset, precision, backend,
                   engine_precision, aoti_device, with_transformer, verify, class_names, force):
     """Export the encoder, decoder and (with --generator) the generation step into a bundle."""
+    if opt_batch is not None and opt_batch > max_batch:
+        raise click.UsageError(f"--opt-batch {opt_batch} is larger than --max-batch {max_batch}")
     if engine_precision is not None and backend == "onnx":
         raise click.UsageError("--engine-precision applies to engines: add --backend tensorrt or aoti")
     if aoti_device is not None and backend != "aoti":
@@ -72,7 +77,7 @@ def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opset,
     import maskbit
 
     from .bundle import ExportOptions, build_bundle
-    options = ExportOptions(max_batch=max_batch, opset=opset, precision=precision, verify=verify,
+    options = ExportOptions(max_batch=max_batch, opt_batch=opt_batch, opset=opset, precision=precision, verify=verify,
                             with_transformer=with_transformer)
     tokenizer = maskbit.load_tokenizer(tokenizer_ckpt, config)
     generator = maskbit.load_generator(generator_ckpt, config) if generator_ckpt else None

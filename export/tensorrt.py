@@ -11,11 +11,18 @@ then the engine files are swapped in and the new manifest is written, so an inte
 either the ONNX-only bundle or the complete new one, never a manifest whose hashes do not match its files.
 
 Precision: "fp32" clears TF32 so matrix products really run in float32, like the ONNX graphs the runtime is
-verified against. "fp16"/"bf16" let TensorRT pick reduced-precision kernels (the weakly typed builder flags of
+verified against; "tf32" keeps TensorRT's default TF32 matrix products (float32 storage, 10-bit mantissa
+products: several times faster on Ampere and later). "fp16"/"bf16" let TensorRT pick reduced-precision kernels (the weakly typed builder flags of
 TensorRT 10, deprecated in later 10.x releases in favour of strongly typed networks) but pin to float32 every
 layer downstream of the sampler's inputs (noise and the four per-step scalars: guidance, softmax, draw,
 confidence, re-masking) and every normalization layer (LayerNorm eps 1e-12 underflows in fp16).
 Sampling decisions of reduced-precision engines are not expected to match the eager sampler token for token.
+TensorRT 11 removed these weakly typed flags: there fp16/bf16 fail with a one-line error (strongly typed networks
+from precision-cast ONNX graphs are not built yet), and fp32/tf32 work on both.
+
+Timing cache: kernel timings are kept in `tensorrt.timing-cache` beside the manifest and reused by the next build
+in that bundle (TensorRT checks that the cache is from the same GPU and version; a mismatched or corrupt cache is
+replaced, never trusted).
 """
 
 from __future__ import annotations
@@ -32,7 +39,21 @@ from maskbit_runtime.manifest import BatchProfile, Manifest, sha256_file
 from maskbit_runtime.specs import COMPONENTS, STEP, TRANSFORMER, ComponentSpec, Dims
 from maskbit_runtime.errors import InputError, MaskbitError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+TIMING_CACHE = "tensorrt.timing-cache"
+# the methods this module and the runtime backend call on TensorRT's objects; tests/test_tensorrt_build.py checks
+# them, and every `trt.<name>` chain in both files, against the installed package (TensorRT 11 removed some of 10's)
+TENSORRT_METHODS = ("Builder.create_network", "Builder.create_builder_config", "Builder.create_optimization_profile",
+                    "Builder.build_serialized_network", "OnnxParser.parse_from_file", "OnnxParser.get_error",
+                    "IBuilderConfig.set_memory_pool_limit", "IBuilderConfig.add_optimization_profile",
+                    "IBuilderConfig.clear_flag", "IBuilderConfig.set_flag", "IBuilderConfig.create_timing_cache",
+                    "IBuilderConfig.set_timing_cache", "ITimingCache.serialize", "IOptimizationProfile.set_shape",
+                    "INetworkDefinition.get_layer", "INetworkDefinition.get_input", "ILayer.get_input",
+                    "ILayer.get_output", "ILayer.set_output_type", "Runtime.deserialize_cuda_engine",
+                    "ICudaEngine.create_execution_context", "ICudaEngine.get_tensor_name",
+                    "ICudaEngine.get_tensor_dtype", "ICudaEngine.is_shape_inference_io",
+                    "IExecutionContext.set_input_shape", "IExecutionContext.get_tensor_shape",
+                    "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3")
 ENGINE_KEYS = ("engine", "engine_sha256", "engine_precision", "tensorrt_version", "gpu")
 # the step's inputs that the transformer does not take: noise and the per-step scalars feed only the sampler
 SAMPLER_INPUTS = tuple(t.name for t in STEP.inputs if t.name not in {s.name for s in TRANSFORMER.inputs})
@@ -81,7 +102,7 @@ def _profile_shapes(spec: ComponentSpec, dims: Dims, batch_profile: BatchProfile
 
 
 def _build_plan(trt, builder, logger, onnx_path: Path, spec: ComponentSpec, dims: Dims, batch_profile: BatchProfile,
-                precision: str, workspace_gb: float):
+                precision: str, workspace_gb: float, timing_cache=None):
     network = builder.create_network(0)          # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -94,12 +115,18 @@ def _build_plan(trt, builder, logger, onnx_path: Path, spec: ComponentSpec, dims
         raise EngineBuildError(f"{onnx_path.name} has no input(s) {', '.join(missing)} after parsing")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if timing_cache is not None:
+        config.set_timing_cache(timing_cache, False)
     if precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)
+    elif precision == "tf32":
+        config.set_flag(trt.BuilderFlag.TF32)
     else:
         flag = getattr(trt.BuilderFlag, precision.upper(), None)
         if flag is None:
-            raise EngineBuildError(f"TensorRT {trt.__version__} has no {precision} builder flag")
+            raise EngineBuildError(f"TensorRT {trt.__version__} has no {precision} builder flag (removed in TensorRT "
+                                   f"11, which builds only strongly typed networks); build --engine-precision fp32 "
+                                   f"or tf32, or use TensorRT 10")
         config.set_flag(flag)
         pin_sampler_fp32(trt, network)
         config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
@@ -127,11 +154,12 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb:
     builder = trt.Builder(logger)
     root, tag = manifest.root, uuid.uuid4().hex[:8]
     plans: dict[str, Path] = {}
+    cache = _load_timing_cache(trt, builder, root / TIMING_CACHE, progress)
     try:
         for name, entry in manifest.components.items():
             progress(f"building TensorRT engine {name} ({precision})")
             plan = _build_plan(trt, builder, logger, manifest.file(name), COMPONENTS[name], manifest.dims,
-                               entry.batch_profile, precision, workspace_gb)
+                               entry.batch_profile, precision, workspace_gb, cache)
             plans[name] = root / f".{name}.engine.partial-{tag}"
             with open(plans[name], "wb") as f:
                 f.write(plan)
@@ -146,11 +174,41 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb:
                 components[name], engine=path.name, engine_sha256=sha256_file(path), engine_precision=precision,
                 tensorrt_version=trt.__version__, gpu={k: str(gpu[k]) for k in ("name", "compute_capability")})
         manifest.replace(components=components).write(root)
+        _save_timing_cache(cache, root / TIMING_CACHE, tag)
     finally:
         for tmp in plans.values():
             tmp.unlink(missing_ok=True)
     progress(f"wrote {len(plans)} TensorRT engines for {gpu['name']} (TensorRT {trt.__version__})")
     return Manifest.load(root)
+
+
+def _load_timing_cache(trt, builder, path: Path, progress: Callable[[str], None]):
+    """The bundle's timing cache, or a new empty one when there is none or TensorRT cannot use it."""
+    config = builder.create_builder_config()
+    data = b""
+    if path.is_file() and not path.is_symlink():
+        data = path.read_bytes()
+    cache = config.create_timing_cache(data)
+    if data and cache is None:
+        progress(f"ignoring {path.name}: TensorRT {trt.__version__} cannot read it; timing from scratch")
+        cache = config.create_timing_cache(b"")
+    if cache is None:
+        raise EngineBuildError(f"TensorRT {trt.__version__} could not create a timing cache")
+    if data and not config.set_timing_cache(cache, False):    # from another GPU or TensorRT version
+        progress(f"ignoring {path.name}: it was written for another GPU or TensorRT version; timing from scratch")
+        cache = config.create_timing_cache(b"")
+    return cache
+
+
+def _save_timing_cache(cache, path: Path, tag: str) -> None:
+    """Write the (grown) timing cache beside the manifest, atomically; a symlink there is not followed."""
+    tmp = path.with_name(f".{path.name}.partial-{tag}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(cache.serialize()))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _parser_error(error) -> str:
