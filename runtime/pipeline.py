@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .backends import Executor, open_backend
+from .backends.base import Transfers
 from .errors import InputError
 from .loop import GenerationOutput, check_labels, sample
 from .machine import cpu_info
@@ -21,6 +23,7 @@ class Pipeline:
     def __init__(self, manifest: Manifest, backend: Executor):
         self.manifest = manifest
         self.backend = backend
+        self.last_transfers: Transfers | None = None      # copies and host syncs of the last `generate` call
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "ort", allow_incomplete: bool = False, **options) -> Pipeline:
@@ -50,7 +53,8 @@ class Pipeline:
 
         Image j's noise stream is seeded by (seed, first_index + j), so a request split into parts with the
         matching `first_index` gives the same images as one request. With a guidance scale of 0 only the
-        conditional half of the transformer runs (when the bundle has the unguided step)."""
+        conditional half of the transformer runs (when the bundle has the unguided step). Each batch's per-step
+        inputs are uploaded once (see `backends.base.StagedStepper`); `last_transfers` counts the call's copies."""
         if not self.manifest.has_generator:
             raise BundleError(f"bundle {self.manifest.root} has no generator (it was built from a tokenizer alone)")
         if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
@@ -59,9 +63,11 @@ class Pipeline:
         settings = self.sampling.with_overrides(num_steps=num_steps, guidance_scale=guidance_scale, **sampling)
         dims = self.manifest.dims
         guided = settings.uses_guidance
-        parts = sample(lambda batch: self.backend.stepper(batch, guided), self.backend.finish, labels, settings,
-                       seed, dims.num_tokens, dims.num_groups, self._batch_size(batch_size, "step"), first_index,
-                       on_step)
+        before = self.backend.transfers.copy()
+        parts = sample(lambda batch: self.backend.staged_stepper(batch, guided, on_step), self.backend.finish, labels,
+                       settings, seed, dims.num_tokens, dims.num_groups, self._batch_size(batch_size, "step"),
+                       first_index)
+        self.last_transfers = self.backend.transfers - before
         return GenerationOutput(images=np.concatenate([p[0] for p in parts]),
                                 tokens=np.concatenate([p[1] for p in parts]))
 
@@ -114,13 +120,34 @@ class Pipeline:
         variants = np.concatenate([indices] + [indices ^ (1 << b) for b in bits])  # (1 + n, h, w)
         return np.concatenate([image[None], self.decode(variants)])
 
-    def info(self) -> dict:
+    def info(self, measure_transfers: bool = False) -> dict:
+        """The bundle, the backend and the machine; with `measure_transfers` (and a generator) also the copies and
+        host syncs of a generation on this backend, measured (see `transfer_counts`)."""
         m = self.manifest
-        return {"bundle": str(m.root), "name": m.name,
+        info = {"bundle": str(m.root), "name": m.name,
                 "components": {k: {"file": v.file, "precision": v.precision, "batch_profile": vars(v.batch_profile),
                                    **({"engine": v.engine} if v.engine else {})} for k, v in m.components.items()},
                 "num_classes": self.num_classes, "sampling": m.sampling.to_dict() if m.sampling else None,
                 "provenance": dict(m.provenance), "runtime": self.backend.describe(), "machine": cpu_info()}
+        if measure_transfers and m.has_generator:
+            info["per_generation"] = self.transfer_counts()
+        return info
+
+    def transfer_counts(self, steps: tuple[int, int] = (2, 3)) -> dict:
+        """Host<->device copies and host syncs of one generation on this backend, measured with one image at two
+        step counts: `fixed` is what a generation costs whatever its length, `per_step` what each step adds."""
+        short, long = (self._counted(n) for n in steps)
+        per_step = Transfers(*(d // (steps[1] - steps[0]) for d in dataclasses.astuple(long - short)))
+        fixed = short - Transfers(*(c * steps[0] for c in dataclasses.astuple(per_step)))
+        text = f"per generation: {fixed.summary()}"
+        if any(dataclasses.astuple(per_step)):
+            text += f"; plus per step: {per_step.summary()}"
+        return {"fixed": dataclasses.asdict(fixed), "per_step": dataclasses.asdict(per_step), "summary": text,
+                "measured": f"one image at {steps[0]} and {steps[1]} steps on this backend"}
+
+    def _counted(self, num_steps: int) -> Transfers:
+        self.generate([0], num_steps=num_steps, seed=0)
+        return self.last_transfers
 
     def close(self) -> None:
         self.backend.close()

@@ -8,22 +8,21 @@ ONNX Runtime CUDA pipelines with the eager sampler token for token.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import enum
 import json
 import shutil
-import types
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from host_cudart import HostCudart
 from maskbit_export.cli import main as export_cli
 from maskbit_export.tensorrt import SAMPLER_INPUTS, downstream_of
 from maskbit_runtime import Pipeline
 from maskbit_runtime.backends import BackendError, open_backend
+from maskbit_runtime.backends.base import Transfers
 from maskbit_runtime.backends.tensorrt import check_engines
 from maskbit_runtime.manifest import Manifest
 
@@ -158,40 +157,6 @@ def test_cuda_errors_become_exceptions():
         check((cudart.cudaError_t.cudaErrorMemoryAllocation, 0), "cudaMalloc")
 
 
-class HostCudart:
-    """cudart stand-in whose "device" memory is host memory: exercises Device's sizes, shapes and copies."""
-
-    class cudaError_t(enum.Enum):
-        cudaSuccess = 0
-
-    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
-
-    def __init__(self):
-        self.blocks, self.freed = {}, []
-
-    def cudaSetDevice(self, device):
-        return (self.cudaError_t.cudaSuccess,)
-
-    def cudaStreamCreate(self):
-        return self.cudaError_t.cudaSuccess, 7
-
-    def cudaStreamSynchronize(self, stream):
-        return (self.cudaError_t.cudaSuccess,)
-
-    def cudaMalloc(self, nbytes):
-        block = ctypes.create_string_buffer(nbytes)
-        self.blocks[ctypes.addressof(block)] = block
-        return self.cudaError_t.cudaSuccess, ctypes.addressof(block)
-
-    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        ctypes.memmove(dst, src, nbytes)
-        return (self.cudaError_t.cudaSuccess,)
-
-    def cudaFree(self, ptr):
-        self.freed.append(ptr)
-        return (self.cudaError_t.cudaSuccess,)
-
-
 def test_device_buffers_copy_whole_arrays_and_scalars(monkeypatch):
     from maskbit_runtime.backends import cuda
     fake = HostCudart()
@@ -261,6 +226,21 @@ class TestTensorRT:
             assert pipe.info()["runtime"]["backend"] == "tensorrt"
         np.testing.assert_array_equal(out.tokens, eager.tokens)
         assert np.abs(out.images.astype(np.int16) - eager.images.astype(np.int16)).max() <= 1
+
+    def test_graphs_replay_staged_steps_with_one_host_sync(self, trt_bundle, eager):
+        """The step runs as two CUDA graphs (one per parity); each generation uploads its inputs once and waits
+        once; without graphs the tokens are the same."""
+        with Pipeline.load(trt_bundle, backend="tensorrt") as pipe:
+            for _ in range(2):
+                out = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
+                np.testing.assert_array_equal(out.tokens, eager.tokens)
+                assert pipe.last_transfers == Transfers(7, 2, 5 * STEPS, 1)
+            assert pipe.info()["runtime"]["cuda_graphs"] == "on"
+            assert len(pipe.backend.primitives.engine("step").graphs.graphs) == 2
+        with Pipeline.load(trt_bundle, backend="tensorrt", cuda_graphs=False) as pipe:
+            out = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
+            assert pipe.last_transfers == Transfers(7, 2, 0, 1)
+        np.testing.assert_array_equal(out.tokens, eager.tokens)
 
     def test_batches_beyond_the_profile_are_split(self, trt_bundle, models):
         tok, gen = models

@@ -3,8 +3,10 @@
 The shared executor (`base.Executor`) drives these like the other backends: its two step bindings differ only in
 which token tensor is `tokens` and which is `next_tokens`, so the state stays on the device and ping-pongs.
 A compiled package returns new tensors, so `run` copies them into the bound output buffers (`copy_`, on the
-device). On a GPU, `cuda_graphs=True` captures each step binding (the package call and its copies) in a CUDA
-graph on its first run and replays it afterwards; uploads write into the same static buffers.
+device). A row of a stacked buffer (`view`) is a torch view, read in place. On a GPU, uploads from the staging
+arrays (pinned memory) are asynchronous and downloads wait once, and `cuda_graphs=True` captures the step (the
+package call and its copies) once per ping-pong parity and replays it: as with TensorRT, a staged step's rows are
+first copied on the device into fixed tensors, which the graph reads.
 
 Packages are tied to the PyTorch version that compiled them and to their device (cpu or cuda); the manifest's
 record of both is compared with this process before any package is loaded. torch is imported only when this
@@ -21,7 +23,7 @@ import numpy as np
 from ..errors import MissingDependencyError
 from ..manifest import Manifest
 from ..specs import COMPONENTS, DEFAULT_COMPONENTS
-from .base import BackendError
+from .base import BackendError, Transfers
 
 DEVICES = ("cpu", "cuda")
 PACKAGE_KEYS = ("package", "package_sha256", "package_precision", "package_device", "torch_version")
@@ -77,7 +79,12 @@ class AotiPrimitives:
         self.manifest = manifest
         self.device = torch.device(device)
         self.cuda_graphs = bool(cuda_graphs) and device == "cuda"
+        self.transfers = Transfers()
         self._packages: dict[str, Any] = {}
+        self._staging: dict[int, Staging] = {}
+        self._readback: dict[int, Staging] = {}
+        self._fixed: dict[tuple, Any] = {}            # where graphed steps read their rows
+        self._graphs: dict[tuple, Any] = {}
 
     def package(self, component: str):
         if component not in self._packages:
@@ -98,14 +105,43 @@ class AotiPrimitives:
     def allocate(self, shape: tuple[int, ...], dtype: str):
         return self.torch.empty(shape, dtype=getattr(self.torch, np.dtype(dtype).name), device=self.device)
 
+    def view(self, buffer, row: int, shape: tuple[int, ...]):
+        return buffer[row, :int(np.prod(shape))].view(shape)
+
+    def staging(self, buffer) -> np.ndarray:
+        staging = self._staging_for(self._staging, buffer)
+        if staging.wait():
+            self.transfers.host_syncs += 1
+        return staging.array
+
     def upload(self, buffer, array: np.ndarray) -> None:
         if tuple(array.shape) != tuple(buffer.shape):
             raise BackendError(f"cannot upload an array of shape {list(array.shape)} into a buffer of shape "
                                f"{list(buffer.shape)}")
-        buffer.copy_(self.torch.as_tensor(array))          # as_tensor keeps 0-d scalars 0-d
+        staging = self._staging.get(id(buffer))
+        if staging is not None and array is staging.array:
+            staging.copy(buffer, staging.host)        # asynchronous from pinned memory on CUDA
+        else:
+            buffer.copy_(self.torch.as_tensor(array))      # as_tensor keeps 0-d scalars 0-d
+            if self.device.type == "cuda":
+                self.transfers.host_syncs += 1          # from pageable memory, torch waits for the stream
+        self.transfers.host_to_device += 1
 
-    def download(self, buffer) -> np.ndarray:
-        return buffer.cpu().numpy().copy()          # on the CPU, .cpu() is the reused buffer itself
+    def download(self, *buffers) -> list[np.ndarray]:
+        self.transfers.device_to_host += len(buffers)
+        if self.device.type != "cuda":
+            return [buffer.numpy().copy() for buffer in buffers]     # on the CPU the buffer itself: copy
+        hosts = [self._staging_for(self._readback, buffer) for buffer in buffers]
+        for buffer, host in zip(buffers, hosts):
+            host.copy(host.host, buffer)
+        self.torch.cuda.current_stream(self.device).synchronize()
+        self.transfers.host_syncs += 1
+        return [host.array.copy() for host in hosts]
+
+    def _staging_for(self, table: dict[int, Staging], buffer) -> Staging:
+        if id(buffer) not in table:
+            table[id(buffer)] = Staging(self.torch, buffer)
+        return table[id(buffer)]
 
     def bind(self, component: str, buffers: Mapping[str, Any]) -> Binding:
         spec = COMPONENTS[component]
@@ -117,21 +153,34 @@ class AotiPrimitives:
             self._replay(binding)
         else:
             with self.torch.inference_mode():
-                binding.call()
+                binding.call(binding.inputs)
 
     def _replay(self, binding: Binding) -> None:
         torch = self.torch
-        if binding.graph is None:
+        inputs = [self._fixed_copy(binding.component, i, tensor) for i, tensor in enumerate(binding.inputs)]
+        key = (binding.component, *(t.data_ptr() for t in inputs + binding.outputs))
+        if key not in self._graphs:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), torch.inference_mode():
-                binding.call()                                   # warm-up: loads kernels, sizes the workspace
+                binding.call(inputs)                                 # warm-up: loads kernels, sizes the workspace
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), torch.inference_mode():
-                binding.call()
-            binding.graph = graph
-        binding.graph.replay()
+                binding.call(inputs)
+            self._graphs[key] = graph
+        self._graphs[key].replay()
+
+    def _fixed_copy(self, component: str, index: int, tensor):
+        """A row (a view into a stacked buffer), copied on the device into the fixed tensor a graph reads."""
+        if tensor._base is None:
+            return tensor
+        key = (component, index, tuple(tensor.shape))
+        if key not in self._fixed:
+            self._fixed[key] = self.torch.empty_like(tensor)
+        self._fixed[key].copy_(tensor)
+        self.transfers.device_to_device += 1
+        return self._fixed[key]
 
     def describe(self) -> dict:
         torch = self.torch
@@ -145,7 +194,34 @@ class AotiPrimitives:
     def close(self) -> None:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
+        self._graphs.clear()
         self._packages.clear()
+        self._staging.clear()
+        self._readback.clear()
+        self._fixed.clear()
+
+
+class Staging:
+    """A host copy of one buffer for uploads or downloads: pinned memory on CUDA, with an event that marks the
+    last asynchronous copy; a plain numpy array on the CPU."""
+
+    def __init__(self, torch, buffer):
+        cuda = buffer.device.type == "cuda"
+        self.host = torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=cuda)
+        self.array = self.host.numpy()                  # the same memory
+        self.event = torch.cuda.Event() if cuda else None
+
+    def copy(self, target, source) -> None:
+        target.copy_(source, non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+
+    def wait(self) -> bool:
+        """Block until the last copy from or into the host memory has finished; True when the host had to wait."""
+        if self.event is None or self.event.query():
+            return False
+        self.event.synchronize()
+        return True
 
 
 class Binding:
@@ -156,10 +232,10 @@ class Binding:
         self.runner = runner
         self.inputs = inputs
         self.outputs = outputs
-        self.graph = None
 
-    def call(self) -> None:
-        results = self.runner(*self.inputs)
+    def call(self, inputs: list) -> None:
+        """Run the package on `inputs` (the bound ones, or fixed copies of them) into the bound outputs."""
+        results = self.runner(*inputs)
         results = (results,) if not isinstance(results, (tuple, list)) else results
         if len(results) != len(self.outputs):
             raise BackendError(f"{self.component}: the package returned {len(results)} outputs, the bundle contract "

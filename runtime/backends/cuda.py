@@ -1,4 +1,5 @@
-"""Device memory through cuda-python's runtime bindings: checked calls, a stream, and device buffers.
+"""Device memory through cuda-python's runtime bindings: checked calls, a stream, device and page-locked host
+buffers, and CUDA graphs.
 
 Every cudart call returns a tuple whose first element is the error code; `check` turns anything but
 cudaSuccess into a BackendError naming the call, so no CUDA failure passes silently. cuda-python is imported
@@ -6,6 +7,9 @@ only when a GPU backend is opened (pip install 'maskbit[gpu]').
 """
 
 from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
@@ -110,7 +114,162 @@ class Device:
         self.stream.synchronize()
         return out
 
+    def copy_from(self, source: Device | Slice) -> None:
+        """Asynchronous device -> device copy of a tensor of the same shape and dtype, on the owner's stream."""
+        if source.shape != self.shape or source.dtype != self.dtype:
+            raise ValueError(f"cannot copy {source.dtype} {source.shape} into a device buffer of {self.dtype} "
+                             f"{self.shape}")
+        cudart = import_cudart()
+        check(cudart.cudaMemcpyAsync(self.ptr, source.ptr, self.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                     self.stream._stream), "cudaMemcpyAsync(device to device)")
+
+    def row(self, index: int, shape: tuple[int, ...]) -> Slice:
+        """Row `index` of this 2-d buffer read as a tensor of `shape`: an address inside it, no copy."""
+        return Slice(self, index, shape)
+
     def free(self) -> None:
         if self.ptr:
             check(import_cudart().cudaFree(self.ptr), "cudaFree")
             self.ptr = 0
+
+
+class Slice:
+    """A tensor inside a stacked device buffer [rows, n]: the first prod(shape) elements of one row. It owns no
+    memory; `ptr` is the base's address plus the row's offset, so binding it costs nothing."""
+
+    def __init__(self, base: Device, index: int, shape: tuple[int, ...]):
+        self.base = base
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = base.dtype
+        size = int(np.prod(self.shape, dtype=np.int64))
+        if len(base.shape) != 2 or not 0 <= index < base.shape[0] or size > base.shape[1]:
+            raise ValueError(f"row {index} of a device buffer of shape {base.shape} cannot hold {self.shape}")
+        self.nbytes = size * self.dtype.itemsize
+        self.ptr = base.ptr + index * base.shape[1] * self.dtype.itemsize
+
+
+class Pinned:
+    """Page-locked host memory seen as a numpy array (`array`), for truly asynchronous copies to and from device
+    buffers on the owner's stream. An event marks the last copy, so the host knows when it may touch the array
+    again (`wait`)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str | np.dtype, stream: Stream):
+        cudart = import_cudart()
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        size = int(np.prod(self.shape, dtype=np.int64))
+        self.nbytes = size * self.dtype.itemsize
+        self.stream = stream
+        self.ptr = check(cudart.cudaMallocHost(max(self.nbytes, 1)), "cudaMallocHost")
+        raw = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype=self.dtype, count=size).reshape(self.shape)
+        self.event = check(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming), "cudaEventCreateWithFlags")
+
+    def upload(self, device: Device) -> None:
+        """Queue array -> `device` on the stream; the host must not write the array before `wait`."""
+        self._copy(device.ptr, self.ptr, device, "HostToDevice")
+
+    def download(self, device: Device) -> None:
+        """Queue `device` -> array on the stream; the array holds the data after `wait` (or a stream sync)."""
+        self._copy(self.ptr, device.ptr, device, "DeviceToHost")
+
+    def _copy(self, dst: int, src: int, device: Device, kind: str) -> None:
+        if device.shape != self.shape or device.dtype != self.dtype:
+            raise ValueError(f"page-locked {self.dtype} {self.shape} and device buffer {device.dtype} {device.shape} "
+                             f"differ")
+        cudart = import_cudart()
+        check(cudart.cudaMemcpyAsync(dst, src, self.nbytes, getattr(cudart.cudaMemcpyKind, f"cudaMemcpy{kind}"),
+                                     self.stream._stream), f"cudaMemcpyAsync({kind})")
+        check(cudart.cudaEventRecord(self.event, self.stream._stream), "cudaEventRecord")
+
+    def wait(self) -> bool:
+        """Block until the last copy from or into the array has finished; True when the host had to wait."""
+        cudart = import_cudart()
+        result = cudart.cudaEventQuery(self.event)
+        if (result[0] if isinstance(result, tuple) else result) != cudart.cudaError_t.cudaErrorNotReady:
+            check(result, "cudaEventQuery")
+            return False
+        check(cudart.cudaEventSynchronize(self.event), "cudaEventSynchronize")
+        return True
+
+    def free(self) -> None:
+        if self.ptr:
+            cudart = import_cudart()
+            check(cudart.cudaEventDestroy(self.event), "cudaEventDestroy")
+            check(cudart.cudaFreeHost(self.ptr), "cudaFreeHost")
+            self.ptr = 0
+            self.array = None
+
+
+class Graph:
+    """One captured and instantiated CUDA graph."""
+
+    def __init__(self, stream: Stream, enqueue: Callable[[], None]):
+        """Capture what `enqueue` queues on `stream` (nothing runs during a capture) and instantiate it."""
+        cudart = import_cudart()
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal    # other threads may use CUDA freely
+        check(cudart.cudaStreamBeginCapture(stream._stream, mode), "cudaStreamBeginCapture")
+        failure = None
+        try:
+            enqueue()
+        except BackendError as exc:
+            failure = exc
+        ended = cudart.cudaStreamEndCapture(stream._stream)       # always leave capture mode, even after a failure
+        graph = ended[1] if ended[0] == cudart.cudaError_t.cudaSuccess else None
+        if failure is not None or graph is None:
+            if graph is not None:
+                check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
+            raise failure or BackendError(f"CUDA call cudaStreamEndCapture failed: {_error_name(ended[0])}")
+        try:
+            self.exec = check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except BackendError:
+            check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
+            raise
+        self.graph = graph
+        self.stream = stream
+
+    def launch(self) -> None:
+        check(import_cudart().cudaGraphLaunch(self.exec, self.stream._stream), "cudaGraphLaunch")
+
+    def destroy(self) -> None:
+        if self.graph is not None:
+            cudart = import_cudart()
+            check(cudart.cudaGraphExecDestroy(self.exec), "cudaGraphExecDestroy")
+            check(cudart.cudaGraphDestroy(self.graph), "cudaGraphDestroy")
+            self.graph = self.exec = None
+
+
+class GraphCache:
+    """CUDA graphs of work queued on one stream, one per key (e.g. one per set of tensor addresses and shapes).
+
+    The first run of a key executes plainly (TensorRT needs one plain run after a shape change before a capture)
+    and then captures the same work, which does not run it again; later runs of the key launch the graph. When a
+    capture fails, every later run is plain and `off` holds the one-line reason."""
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
+        self.graphs: dict[Hashable, Graph] = {}
+        self.off: str | None = None
+
+    def run(self, key: Hashable, enqueue: Callable[[], None]) -> None:
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.launch()
+            return
+        enqueue()
+        if self.off is None:
+            try:
+                self.graphs[key] = Graph(self.stream, enqueue)
+            except BackendError as exc:
+                self.off = f"CUDA graph capture failed, running without graphs: {exc}"
+                self.clear()
+
+    def clear(self) -> None:
+        """Destroy every graph (their kernels hold addresses and shapes that are about to change)."""
+        for graph in self.graphs.values():
+            graph.destroy()
+        self.graphs.clear()
+
+
+def _error_name(err) -> str:
+    return _text(import_cudart().cudaGetErrorName(err)[1])

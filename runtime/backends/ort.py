@@ -2,11 +2,22 @@
 
 Each session is checked after it loads: its inputs and outputs must be the bundle contract's (a component file
 that belongs to another model is refused), and it must run on the provider that was asked for.
+
+A row of a stacked buffer (`view`) is bound by address (`IOBinding.bind_input` with the OrtValue's data pointer
+plus the row's offset), so a staged step reads its noise and scalars where the one upload put them. Uploads are
+`OrtValue.update_inplace` from ordinary numpy arrays: on CUDA, ONNX Runtime copies them itself (a blocking copy
+from pageable memory). Page-locked staging would need cuda-python here only to speed up the few copies a
+generation makes, and binding page-locked *host* memory as a step input would make ONNX Runtime copy it to the
+GPU on every run. ONNX Runtime's own CUDA graphs ("enable_cuda_graph") are not used: a captured session
+replays fixed input addresses, but a staged step reads a different row each step, and moving the row into a
+fixed buffer needs a device-to-device copy on ONNX Runtime's stream, which its Python API does not offer; and
+its CUDA provider synchronizes its stream at the end of every run, which `transfers` counts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,12 +25,22 @@ import numpy as np
 from ..errors import MissingDependencyError
 from ..manifest import Manifest
 from ..specs import COMPONENTS
-from .base import BackendError, check_component_io
+from .base import BackendError, Transfers, check_component_io
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
               "tensor(bool)": "bool", "tensor(float16)": "float16", "tensor(int32)": "int32"}
+
+
+@dataclass(frozen=True, eq=False)
+class Row:
+    """A tensor inside a stacked OrtValue [rows, n]: its address, shape and dtype (the OrtValue owns the memory)."""
+
+    base: Any
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
 
 
 def import_ort():
@@ -57,6 +78,8 @@ class OrtPrimitives:
         if threads:
             self.options.intra_op_num_threads = threads
         self._sessions: dict[str, Any] = {}
+        self._staging: dict[int, tuple[Any, np.ndarray]] = {}
+        self.transfers = Transfers()
 
     def session(self, component: str):
         if component not in self._sessions:
@@ -89,29 +112,51 @@ class OrtPrimitives:
             raise BackendError(f"ONNX Runtime cannot allocate {self.device} memory ({str(exc).splitlines()[0]}); "
                                f"is its {self.device} provider usable here?") from None
 
+    def view(self, buffer, row: int, shape: tuple[int, ...]) -> Row:
+        rows, length = buffer.shape()
+        dtype = np.dtype(_ORT_TYPES[buffer.data_type()])
+        if not 0 <= row < rows or int(np.prod(shape)) > length:
+            raise ValueError(f"row {row} of a buffer of shape {[rows, length]} cannot hold {list(shape)}")
+        return Row(buffer, buffer.data_ptr() + row * length * dtype.itemsize, tuple(shape), dtype)
+
+    def staging(self, buffer) -> np.ndarray:
+        if id(buffer) not in self._staging:
+            self._staging[id(buffer)] = buffer, np.empty(buffer.shape(), np.dtype(_ORT_TYPES[buffer.data_type()]))
+        return self._staging[id(buffer)][1]
+
     def upload(self, buffer, array: np.ndarray) -> None:
         buffer.update_inplace(np.ascontiguousarray(array))
+        self.transfers.host_to_device += 1
 
-    def download(self, buffer) -> np.ndarray:
-        return buffer.numpy().copy()          # numpy() may alias the reused buffer
+    def download(self, *buffers) -> list[np.ndarray]:
+        self.transfers.device_to_host += len(buffers)
+        return [buffer.numpy().copy() for buffer in buffers]          # numpy() may alias the reused buffer
 
     def bind(self, component: str, buffers: Mapping[str, Any]):
         session = self.session(component)
         spec = COMPONENTS[component]
         binding = session.io_binding()
         for t in spec.inputs:
-            binding.bind_ortvalue_input(t.name, buffers[t.name])
+            buffer = buffers[t.name]
+            if isinstance(buffer, Row):
+                binding.bind_input(t.name, self.device, 0, buffer.dtype.type, list(buffer.shape), buffer.ptr)
+            else:
+                binding.bind_ortvalue_input(t.name, buffer)
         for t in spec.outputs:
             binding.bind_ortvalue_output(t.name, buffers[t.name])
-        return session, binding
+        return session, binding, dict(buffers)          # the buffers stay alive as long as the binding
 
     def run(self, binding) -> None:
-        session, io_binding = binding
+        session, io_binding, _ = binding
         session.run_with_iobinding(io_binding)
+        if self.device == "cuda":
+            self.transfers.host_syncs += 1      # the CUDA provider synchronizes its stream at the end of each run
 
     def describe(self) -> dict:
         return {"backend": self.name, "onnxruntime": self.ort.__version__, "providers": self.providers,
-                "available_providers": self.ort.get_available_providers(), "device": self.device}
+                "available_providers": self.ort.get_available_providers(), "device": self.device,
+                "cuda_graphs": "not used with ONNX Runtime (see maskbit_runtime/backends/ort.py)"}
 
     def close(self) -> None:
         self._sessions.clear()
+        self._staging.clear()
