@@ -523,3 +523,15 @@ def test_a_cuda_provider_that_does_not_load_is_one_clear_error(monkeypatch, tmp_
             pipe.decode(np.zeros((1, 16, 16), np.int64))      # this CPU package cannot allocate on cuda at all
     with pytest.raises(BackendError, match="provider options for TensorrtExecutionProvider"):
         Pipeline.load(DEMO_BUNDLE, provider_options={"TensorrtExecutionProvider": {}})
+
+
+def test_cpu_and_gpu_onnxruntime_installed_together_is_one_clear_error(monkeypatch, tmp_path):
+    from importlib import metadata
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "1.20.0" if name == "onnxruntime-gpu" else real_version(name))
+    with pytest.raises(BackendError, match="both onnxruntime and onnxruntime-gpu are installed.*pip uninstall -y "
+                                           "onnxruntime onnxruntime-gpu"):
+        Pipeline.load(DEMO_BUNDLE)
+    result = CliRunner().invoke(run_cli, ["generate", "--labels", "0", "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "both onnxruntime" in result.output
+    assert not (tmp_path / "x.png").exists()

@@ -43,13 +43,34 @@ class Row:
     dtype: np.dtype
 
 
+ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu")     # distributions that install the same `onnxruntime` package
+
+
 def import_ort():
+    clash = installed_builds()
+    if len(clash) > 1:
+        raise BackendError(f"both {' and '.join(clash)} are installed; they write the same files, so neither is "
+                           f"intact: pip uninstall -y {' '.join(clash)} && pip install onnxruntime-gpu (CUDA) or "
+                           f"onnxruntime (CPU)")
     try:
         import onnxruntime
     except ImportError:
         raise MissingDependencyError("the ONNX Runtime backend needs onnxruntime: pip install onnxruntime "
                                      "(or onnxruntime-gpu instead of it, for CUDA)") from None
     return onnxruntime
+
+
+def installed_builds() -> list[str]:
+    """Which of the ONNX Runtime distributions pip has installed."""
+    from importlib import metadata
+    found = []
+    for name in ORT_BUILDS:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
 
 
 class OrtPrimitives:
