@@ -8,10 +8,14 @@
 #     (maskbit_export -> export/, maskbit_runtime -> runtime/) and puts maskbit-run/maskbit-export on PATH;
 #     MASKBIT_GPU_SUITE_SHIM=1 uses the shim without trying pip; missing test dependencies are installed from a local wheel folder when MASKBIT_WHEELS names one;
 #  3. runs every test marked gpu or tensorrt, and tests/test_aoti.py (its cuda tests compile for the GPU),
-#     with the skip reasons shown.
-# Exit status: pytest's when a test fails. Without a GPU it runs the selection (everything GPU-bound skips,
-# with reasons) and exits 0. With a GPU, a run in which no GPU test passed exits 3 (a broken stack must not
-# pass for green) unless MASKBIT_GPU_SUITE_ALLOW_SKIPS=1.
+#     with the skip reasons shown;
+#  4. on a GPU: generation throughput (benchmarks/gpu_throughput.py), then the training section
+#     (benchmarks/gpu_training.py, ~2 min): maskbit-train on CUDA in fp32 against the CPU and in bf16, checkpoints
+#     resumed across CUDA and the CPU, torchrun with one process over NCCL, training throughput; JSON to $OUT.
+# Exit status: pytest's when a test fails, gpu_training's when a training check fails. Without a GPU it runs the
+# selection (everything GPU-bound skips, with reasons), dry-runs the training section (each case skipped, with
+# the reason) and exits 0. With a GPU, a run in which no GPU test passed, or a training case was skipped, exits 3
+# (a broken stack must not pass for green) unless MASKBIT_GPU_SUITE_ALLOW_SKIPS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd -P)"
@@ -104,8 +108,10 @@ status=$?
 set -e
 if [[ $status -ne 0 && $status -ne 5 ]]; then exit "$status"; fi          # 5: nothing selected
 if [[ "$GPU" != "1" ]]; then
-    echo "gpu_suite: PyTorch sees no CUDA GPU here; the GPU tests skipped with the reasons above, and the" \
-         "throughput benchmark is skipped (exit 0)"
+    echo "== training (benchmarks/gpu_training.py, dry run: no GPU)"
+    "$PYTHON" benchmarks/gpu_training.py --device cuda
+    echo "gpu_suite: PyTorch sees no CUDA GPU here; the GPU tests and the training cases skipped with the reasons" \
+         "above, and the throughput benchmark is skipped (exit 0)"
     exit 0
 fi
 
@@ -135,3 +141,10 @@ echo "gpu_suite: $passed GPU tests passed, and tests/test_aoti.py passed"
 echo "== throughput (benchmarks/gpu_throughput.py)"
 "$PYTHON" benchmarks/gpu_throughput.py --size full --batch "${MASKBIT_GPU_BATCH:-64}" \
     --steps "${MASKBIT_GPU_STEPS:-16}" --rounds 1 ${OUT:+--out "$OUT"}
+
+# training on the GPU: tiny runs against the CPU, resumption across devices, torchrun over NCCL, then training
+# throughput of the 256x256 tokenizer (batch 16) and the 14-bit generator (batch 32) in fp32, TF32 and bf16
+echo "== training (benchmarks/gpu_training.py)"
+fail_on_skip="--fail-on-skip"                  # on a GPU, a training case that cannot run is a broken stack
+if [[ "${MASKBIT_GPU_SUITE_ALLOW_SKIPS:-0}" == "1" ]]; then fail_on_skip=""; fi
+"$PYTHON" benchmarks/gpu_training.py --device cuda --size full $fail_on_skip ${OUT:+--out "$OUT"}

@@ -15,6 +15,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None            # "nccl" or "gloo" inside a process group, None for a plain process
 
     @property
     def is_main(self) -> bool:
@@ -22,11 +23,15 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.backend is not None
 
 
 def setup(device: str | None = None) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick the device."""
+    """Pick the device; join the process group when launched by torchrun or with WORLD_SIZE > 1.
+
+    Under torchrun the group is joined even by a single process, so `torchrun --nproc_per_node 1` runs the
+    DistributedDataParallel and NCCL code of a multi-GPU run on one GPU (torchrun sets TORCHELASTIC_RUN_ID).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -36,9 +41,11 @@ def setup(device: str | None = None) -> DistInfo:
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return DistInfo(rank, world, local, dev)
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, local, dev, dist.get_backend())
 
 
 def teardown(info: DistInfo) -> None:
@@ -51,7 +58,8 @@ def mean_over_ranks(values: dict[str, torch.Tensor], info: DistInfo) -> dict[str
     if not values:
         return {}
     keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys]).to(info.device)
+    # a stage may log host scalars next to device tensors: move each one, torch.stack needs a single device
+    stacked = torch.stack([values[k].detach().float().reshape(()).to(info.device) for k in keys])
     if info.enabled:
         dist.all_reduce(stacked)
         stacked /= info.world_size

@@ -284,6 +284,6 @@ def _save(stage: Stage, ema: EMA | None, stream: BatchStream, source: ImageSourc
                  "ema_updates": ema.num_updates if ema else 0, "data": data_states, "rng": rng_states,
                  "corrupt": sorted(source.corrupt)}
         meta = {"stage": stage.name, "config": stage.config.to_dict(), "settings": settings.to_dict(),
-                "world_size": dist.world_size}
+                "world_size": dist.world_size, "backend": dist.backend}
         checkpointing.save(root, step, weights, state, meta, settings.keep_checkpoints)
     distributed.barrier(dist)
