@@ -59,14 +59,16 @@ register(ModelConfig(tokenizer=_lfq_tokenizer(14), generator=GeneratorConfig(cod
                      sampling=SamplingConfig(guidance_annealing="none", scale_pow=1.0), name="demo"))
 
 # ---- the demo model shipped with the package (trained by scripts/train_demo.sh on maskbit.demo_data) ------
-# 64x64 crops of 8 photos; 16x16 tokens of 10 bits in 2 groups of 5 bits.
+# 64x64 crops of 8 photos; 16x16 tokens of 10 bits in 2 groups of 5 bits. The generator is trained without
+# dropout: it has to learn the layout of each photo at every crop scale, and underfits long before it could overfit.
 register(ModelConfig(
     tokenizer=_lfq_tokenizer(10, hidden_channels=32, channel_mult=(1, 2, 2), num_resolutions=3, num_res_blocks=1,
                              num_res_blocks_decoder=1, resolution=64),
-    generator=GeneratorConfig(codebook_size=2 ** 10, codebook_splits=2, hidden_dim=128, depth=4, heads=4, mlp_dim=512,
-                              num_classes=8, image_size=64, input_stride=4),
-    sampling=SamplingConfig(num_steps=16, guidance_scale=1.0, guidance_annealing="linear", scale_pow=1.0,
-                            randomize_temperature=2.0),
+    generator=GeneratorConfig(codebook_size=2 ** 10, codebook_splits=2, hidden_dim=192, depth=6, heads=6, mlp_dim=768,
+                              dropout=0.0, num_classes=8, image_size=64, input_stride=4),
+    # chosen on validation seed 100 by scripts/tune_demo_sampling.py (never on the evaluation seed 0)
+    sampling=SamplingConfig(num_steps=32, guidance_scale=1.0, guidance_annealing="linear", scale_pow=1.0,
+                            randomize_temperature=6.0),
     name="demo64"))
 
 # ---- tiny presets for tests: 32x32 images, stride 4 (8x8 = 64 tokens), hidden 32 -------------------------

@@ -7,15 +7,20 @@ from PIL import Image
 
 import maskbit
 from maskbit.demo_data import DEMO_CLASSES, demo_crops
-from maskbit.evaluation.demo import evaluate_bundle
+from maskbit.evaluation.demo import evaluate_bundle, evaluate_demo
 from maskbit.evaluation.demo_network import HELD_OUT_SEED, train_classifier
+from maskbit.evaluation.features import PixelFeatures, load_demo_features
 from maskbit_runtime import Pipeline
 from maskbit_runtime.cli import DEMO_BUNDLE
 from maskbit_runtime.cli import main as run_cli
 
 DEMO_WEIGHTS = maskbit.DEMO_DIR
 RECONSTRUCTION_PSNR_MIN = 21.0          # dB on held-out crops; measured 22.0 (scripts/evaluate_demo.py)
-RECOGNITION_MIN = 0.90          # the issue's bar; measured 0.935 over 384 samples (scripts/evaluate_demo.py)
+RECOGNITION_MIN = 0.90          # the issue's bar; measured 0.984 at seed 0 (maskbit-eval demo)
+# `maskbit-eval demo --per-class 16 --seed 0` (128 samples against 512 held-out crops, 16x16 thumbnails):
+# measured precision 0.641, recall 0.527 (the first demo generator: 0.60, 0.16); the goal is 0.6 for both
+PRECISION_MIN = 0.55
+RECALL_MIN = 0.45
 
 
 def test_demo_assets_are_shipped_and_verified():
@@ -26,7 +31,7 @@ def test_demo_assets_are_shipped_and_verified():
     assert report["generation_unguided"]["passed"]
     size = sum(p.stat().st_size for p in DEMO_BUNDLE.iterdir()) + sum(
         p.stat().st_size for p in DEMO_WEIGHTS.glob("*.safetensors"))
-    assert size < 40e6
+    assert size < 30e6
 
 
 def test_generate_with_no_bundle_uses_the_demo(tmp_path):
@@ -68,3 +73,24 @@ def test_demo_images_are_recognised_and_reconstructions_are_faithful(classifier)
     assert report["held_out_accuracy"] >= 0.95, report           # the judge itself works on real crops
     assert report["generated_accuracy"] >= RECOGNITION_MIN, report
     assert report["reconstruction_psnr"] >= RECONSTRUCTION_PSNR_MIN, report
+
+
+def _spread(images: np.ndarray) -> float:
+    """Mean distance between the 16x16 thumbnails of every pair of images."""
+    features = PixelFeatures()(images)[0]
+    distances = np.sqrt(((features[:, None] - features[None]) ** 2).sum(-1))
+    return float(distances[np.triu_indices(len(features), 1)].mean())
+
+
+def test_demo_samples_cover_the_real_crops():
+    """The shipped defaults on the evaluation seed: recognisable, and as varied as the data (the first demo
+    generator drew nearly one image per class: recall 0.11 in an independent check)."""
+    with Pipeline.load(DEMO_BUNDLE) as pipe:
+        report = evaluate_demo(pipe, load_demo_features(), per_class=16, seed=0)
+        generated = report["generated"]
+        assert generated["class_accuracy"] >= RECOGNITION_MIN, generated
+        assert generated["pixels"]["precision"] >= PRECISION_MIN, generated
+        assert generated["pixels"]["recall"] >= RECALL_MIN, generated
+        for label, name in [(2, "coffee"), (6, "retina")]:       # seeds differ within a class like real crops do
+            samples = pipe.generate([label] * 16, seed=3).images
+            assert _spread(samples) >= 0.6 * _spread(demo_crops(name, 16, seed=HELD_OUT_SEED)), name

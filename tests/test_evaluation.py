@@ -155,6 +155,23 @@ def test_metrics_demo_features_folder_vs_npz(crops, tmp_path):
     assert "inception_score" not in report and "fid:" in result.output
 
 
+def test_pixel_features_are_area_averaged_thumbnails(crops, tmp_path):
+    from maskbit.evaluation.features import PixelFeatures
+    images = np.zeros((2, 64, 64, 3), np.uint8)
+    images[0, :4, :4, 0] = 255                          # one 4x4 block -> one thumbnail pixel of the red channel
+    images[1, :, 32:] = 255                             # right half white
+    features, logits = PixelFeatures()(images)
+    assert features.shape == (2, 768) and logits.shape == (2, 0)
+    assert features[0, 0] == 1.0 and features[0].sum() == 1.0
+    assert features[1].reshape(3, 16, 16)[:, :, 8:].min() == 1.0 and features[1].reshape(3, 16, 16)[:, :, :8].max() == 0
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(eval_cli, ["metrics", "--samples", str(crops["b_dir"]), "--reference",
+                                           str(crops["a_npz"]), "--features", "pixels", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["features"] == "pixels-16x16" and report["fid"] > 0 and 0 < report["recall"] <= 1
+
+
 def test_stats_then_metrics_against_them_gives_the_same_numbers(crops, tmp_path):
     runner = CliRunner()
     result = runner.invoke(eval_cli, ["stats", str(crops["a_npz"]), "--features", "demo",

@@ -12,9 +12,10 @@ import click
 
 from maskbit_runtime.cli import DEMO_BUNDLE, one_line_errors
 
-features_option = click.option("--features", type=click.Choice(["inception", "demo"]), default="inception",
+features_option = click.option("--features", type=click.Choice(["inception", "demo", "pixels"]), default="inception",
                                show_default=True,
-                               help="Feature network: torch-fidelity's FID Inception-v3, or the demo crop classifier.")
+                               help="Feature space: torch-fidelity's FID Inception-v3, the demo crop classifier, or "
+                                    "16x16 thumbnails (small images of few scenes only).")
 weights_option = click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
                               help="Inception weights file (default: the torch hub cache's; never downloaded).")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
@@ -114,7 +115,7 @@ def stats(images, out, features, inception_weights, batch_size, no_features, dev
 @main.command()
 @click.argument("images", type=click.Path(path_type=Path))
 @click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Bundle (default: the demo bundle).")
-@click.option("--features", type=click.Choice(["auto", "inception", "demo", "none"]), default="auto",
+@click.option("--features", type=click.Choice(["auto", "inception", "demo", "pixels", "none"]), default="auto",
               show_default=True, help="rFID features; auto: demo for demo bundles, else Inception if weights exist.")
 @weights_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -143,7 +144,8 @@ def reconstruction(images, bundle, features, inception_weights, batch_size, out)
 @out_option
 @one_line_errors
 def demo(bundle, per_class, seed, reference_per_class, out):
-    """Class accuracy, demo-FID, KID, precision/recall: generated, reconstructed (ceiling), real (floor)."""
+    """Class accuracy, and FID, KID, precision/recall in the demo network's features and in 16x16 thumbnails:
+    generated, reconstructed (ceiling), real (floor)."""
     from .demo import evaluate_demo
     from .features import load_demo_features
     network = load_demo_features()
@@ -158,8 +160,8 @@ def demo(bundle, per_class, seed, reference_per_class, out):
 @click.argument("bundle_b", type=click.Path(path_type=Path))
 @click.option("--per-class", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds (at least 2).")
-@click.option("--features", type=click.Choice(["auto", "inception", "demo"]), default="auto", show_default=True,
-              help="auto: the demo network for demo bundles, Inception otherwise.")
+@click.option("--features", type=click.Choice(["auto", "inception", "demo", "pixels"]), default="auto",
+              show_default=True, help="auto: the demo network for demo bundles, Inception otherwise.")
 @weights_option
 @click.option("--backend-b", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
               help="Backend for BUNDLE_B (compare ORT against TensorRT with the same bundle twice).")

@@ -1,6 +1,9 @@
 """Demo evaluation and bundle comparison, in the demo network's feature space (or Inception's).
 
-`evaluate_demo` scores three sets of the same size against one reference of held-out real crops:
+`evaluate_demo` scores three sets of the same size against one reference of held-out real crops, in two feature
+spaces: the demo network's (class accuracy, demo-FID; its features also see a decoder's softness, so even
+reconstructions score low precision/recall there) and 16x16 thumbnails (`PixelFeatures`: precision/recall of
+what the crops show and where, the variety of the demo data):
   generated      the bundle's samples, `per_class` per class, seed `seed`
   reconstructed  the tokenizer's reconstructions of other held-out real crops (the ceiling for generation)
   real           those real crops themselves (the floor: real-vs-real at this sample size)
@@ -18,7 +21,7 @@ import numpy as np
 from maskbit_runtime.errors import InputError
 
 from .demo_network import DEMO_CLASSES, HELD_OUT_SEED, accuracy, crops_dataset, load_demo_network
-from .features import extract
+from .features import PixelFeatures, extract
 from .metrics import PRC_NEIGHBORHOOD, FeatureStats, compare
 from .reconstruction import psnr
 
@@ -35,28 +38,35 @@ def _check_demo_bundle(pipe) -> None:
                          f"the demo crops are 64px")
 
 
-def _score(network, images: np.ndarray, labels: np.ndarray, reference: FeatureStats) -> dict:
+def _score(network, images: np.ndarray, labels: np.ndarray, reference: FeatureStats,
+           pixel_reference: FeatureStats) -> dict:
     stats, logits = extract(network, images)
     report = compare(stats, reference)
     report["class_accuracy"] = float((logits.argmax(-1) == labels).mean())
+    pixels = compare(extract(PixelFeatures(), images)[0], pixel_reference)
+    report["pixels"] = {key: pixels[key] for key in ("fid", "kid", "precision", "recall")}
     return report
 
 
-def evaluate_demo(pipe, network, per_class: int = 16, seed: int = 0, reference_per_class: int = 64) -> dict:
-    """Class accuracy, demo-FID, KID and precision/recall of generated, reconstructed and real crops."""
+def evaluate_demo(pipe, network, per_class: int = 16, seed: int = 0, reference_per_class: int = 64,
+                  **sampling) -> dict:
+    """Class accuracy, demo-FID, KID and precision/recall of generated, reconstructed and real crops; `sampling`
+    overrides the bundle's sampling defaults (keyword arguments of `Pipeline.generate`)."""
     _check_demo_bundle(pipe)
     if per_class * len(DEMO_CLASSES) < PRC_NEIGHBORHOOD + 1:
         raise InputError(f"--per-class {per_class} is too few for precision/recall (k={PRC_NEIGHBORHOOD})")
     reference_images, _ = crops_dataset(reference_per_class, REFERENCE_SEED)
-    reference, _ = extract(network, reference_images)
+    references = extract(network, reference_images)[0], extract(PixelFeatures(), reference_images)[0]
     real, labels = crops_dataset(per_class, REAL_SEED)
-    generated = pipe.generate(labels.tolist(), seed=seed).images
+    settings = pipe.sampling.with_overrides(**sampling)
+    generated = pipe.generate(labels.tolist(), seed=seed, **settings.to_dict()).images
     reconstructed = pipe.reconstruct(real)
-    return {"bundle": str(pipe.manifest.root), "features": network.name, "per_class": per_class, "seed": seed,
+    return {"bundle": str(pipe.manifest.root), "features": network.name, "pixel_features": PixelFeatures.name,
+            "per_class": per_class, "seed": seed, "sampling": settings.to_dict(),
             "images_per_set": int(len(labels)), "reference_images": int(len(reference_images)),
-            "generated": _score(network, generated, labels, reference),
-            "reconstructed": _score(network, reconstructed, labels, reference),
-            "real": _score(network, real, labels, reference)}
+            "generated": _score(network, generated, labels, *references),
+            "reconstructed": _score(network, reconstructed, labels, *references),
+            "real": _score(network, real, labels, *references)}
 
 
 def _generate(pipe, labels: list[int], seed: int):

@@ -1,4 +1,5 @@
-"""Feature networks: torch-fidelity's Inception-v3 (the TF FID network, ported) and the demo crop classifier.
+"""Feature spaces: torch-fidelity's Inception-v3 (the TF FID network, ported), the demo crop classifier, and
+thumbnail pixels.
 
 A network maps uint8 images [B,H,W,3] to (features float64 [B,D], logits float64 [B,C]). Inception weights are
 read from a local file or the torch hub cache and never downloaded; `load_inception(random_init=True)` builds the
@@ -21,7 +22,8 @@ from .metrics import FeatureStats
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"      # torch-fidelity's conversion of the TF weights
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
-FEATURES = ("inception", "demo")
+FEATURES = ("inception", "demo", "pixels")
+PIXEL_SIDE = 16
 
 
 def default_inception_weights() -> Path:
@@ -106,17 +108,37 @@ class DemoFeatures:
         return self.classifier.features_and_logits(images)
 
 
+class PixelFeatures:
+    """Thumbnails: every image area-averaged to 16x16 RGB in [0, 1], flattened (768 values); no logits.
+
+    A feature space that learns nothing and so depends on nothing in this project: for small images of few
+    scenes (the demo's crops) neighbourhoods in it follow what the images show and where (layout, colour), and a
+    decoder's softness barely moves them, unlike a classifier's features. Meaningless across image sizes far from
+    16 px per side of content; use Inception for natural images."""
+
+    name = f"pixels-{PIXEL_SIDE}x{PIXEL_SIDE}"
+    dim = 3 * PIXEL_SIDE * PIXEL_SIDE
+    inception_score = False
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double() / 255.0   # (B, 3, H, W)
+        thumbs = torch.nn.functional.adaptive_avg_pool2d(x, PIXEL_SIDE)                             # (B, 3, 16, 16)
+        return thumbs.flatten(1).numpy(), np.zeros((len(images), 0))
+
+
 def load_demo_features(path: str | Path | None = None) -> DemoFeatures:
     from .demo_network import load_demo_network
     return DemoFeatures(load_demo_network(path))
 
 
 def load_features(features: str, inception_weights: str | Path | None = None, device: str = "cpu"):
-    """'inception' or 'demo' -> a feature network."""
+    """'inception', 'demo' or 'pixels' -> a feature network."""
     if features == "inception":
         return load_inception(inception_weights, device=device)
     if features == "demo":
         return load_demo_features()
+    if features == "pixels":
+        return PixelFeatures()
     raise InputError(f"unknown features {features!r}; expected one of {', '.join(FEATURES)}")
 
 
