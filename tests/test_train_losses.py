@@ -123,6 +123,29 @@ def test_lr_schedule_warmup_middle_end():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.55)
 
 
+def test_lr_schedule_of_an_extended_run_follows_its_new_length():
+    """A run resumed with a larger --max-steps continues on the schedule of the new length (the saved state must not
+    pin the old length: before the fix the cosine rose again past it); past its end the minimum holds."""
+    w, short, long = 10, 50, 100
+    assert cosine_with_minimum(long + 40, w, long) == pytest.approx(0.1)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = make_scheduler(opt, w, short)
+    for _ in range(short):
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    for old_format in (False, True):
+        state = dict(saved_sched, lr_lambdas=[{"args": (w, short, 0.1)}]) if old_format else saved_sched
+        opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        opt2.load_state_dict(saved_opt)
+        resumed = make_scheduler(opt2, w, long)
+        resumed.load_state_dict(state)
+        for step in range(short + 1, short + 31):
+            opt2.step()
+            resumed.step()
+            assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * cosine_with_minimum(step, w, long))
+
+
 def test_ema_decay_formula_and_update():
     assert ema_decay(1) == 0.0 and ema_decay(0) == 0.0
     assert ema_decay(2) == pytest.approx(2 / 11)           # (1 + t) / (10 + t), t = 1

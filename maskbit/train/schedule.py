@@ -10,6 +10,7 @@ a difference no training run can observe, accepted to keep one definition.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from maskbit_runtime.schedules import mask_ratio
@@ -17,27 +18,23 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def cosine_with_minimum(step: int, warmup_steps: int, total_steps: int, minimum_rate: float = 0.1) -> float:
-    """LR multiplier at `step`: linear warmup, then cosine from 1 down to `minimum_rate` (MASKBIT_SPEC 6.3)."""
+    """LR multiplier at `step`: linear warmup, then cosine from 1 down to `minimum_rate` (MASKBIT_SPEC 6.3), held there
+    after `total_steps`."""
     if step < warmup_steps:
         return step / max(1, warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     c = 0.5 * (1.0 + math.cos(math.pi * progress))
     return max(0.0, c + minimum_rate - minimum_rate * c)
 
 
-class _Multiplier:
-    """A picklable-free callable (LambdaLR keeps no state for it; resume restores last_epoch)."""
-
-    def __init__(self, warmup_steps: int, total_steps: int, minimum_rate: float):
-        self.args = (warmup_steps, total_steps, minimum_rate)
-
-    def __call__(self, step: int) -> float:
-        return cosine_with_minimum(step, *self.args)
-
-
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                    minimum_rate: float = 0.1) -> LambdaLR:
-    return LambdaLR(optimizer, _Multiplier(warmup_steps, total_steps, minimum_rate))
+    """The schedule for a run of `total_steps`. LambdaLR checkpoints the `__dict__` of a callable object and restores
+    it on resume, which would pin a resumed run to the length it was started with (and, extended past it, send the
+    cosine back up); a `partial` has no such state, so a run extended with a larger --max-steps follows the schedule
+    of its new length from the step it resumes at."""
+    return LambdaLR(optimizer, partial(cosine_with_minimum, warmup_steps=warmup_steps, total_steps=total_steps,
+                                       minimum_rate=minimum_rate))
 
 
 def ema_decay(num_updates: int, max_decay: float = 0.999) -> float:
