@@ -37,8 +37,10 @@ from .quantize import quantize_int8
 from .verify import VerificationError, verify_bundle
 from .weights import share_weights
 
-PRECISIONS = ("fp32", "int8")                       # of the ONNX graphs; engines have their own (--engine-precision)
-QUANTIZED_COMPONENTS = ("step", "step_unguided", "transformer")   # the tokenizer's convolutions stay float32
+PRECISIONS = ("fp32", "int8", "fp16", "bf16")       # of the ONNX graphs; engines have their own (--engine-precision)
+# the graphs that carry the precision (int8: quantized matmuls; fp16/bf16: cast, see cast.py); the tokenizer's
+# convolutions stay float32
+GENERATOR_COMPONENTS = ("step", "step_unguided", "transformer")
 GENERATOR_WEIGHTS = "generator.weights"             # one external-data file shared by the generator graphs
 
 
@@ -125,18 +127,18 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
                 spec = COMPONENTS[component]
                 sample = sample_inputs(spec, dims, 2, seed=0, codebook_size=tokenizer.config.codebook_size,
                                        num_classes=num_classes or 1000)
-                export_onnx(graph_module(component, tokenizer, generator), spec, sample, tmp / spec.file,
-                            options.opset, options.max_batch)
-                if options.precision == "int8" and component in QUANTIZED_COMPONENTS:
+                export_onnx(graph_module(component, tokenizer, generator, options.precision), spec, sample,
+                            tmp / spec.file, options.opset, options.max_batch)
+                if options.precision == "int8" and component in GENERATOR_COMPONENTS:
                     progress(f"quantizing {component} to int8")
                     quantize_int8(tmp / spec.file)
-            shared = [n for n in names if n in QUANTIZED_COMPONENTS]
+            shared = [n for n in names if n in GENERATOR_COMPONENTS]
             if shared:
                 progress("storing the generator's weights once")
                 weights = share_weights([tmp / COMPONENTS[n].file for n in shared], GENERATOR_WEIGHTS)
             for component in names:
                 spec = COMPONENTS[component]
-                precision = options.precision if component in QUANTIZED_COMPONENTS else "fp32"
+                precision = options.precision if component in GENERATOR_COMPONENTS else "fp32"
                 entry = _entry(spec, tmp / spec.file, dims, precision, options.profile)
                 if component in shared:
                     entry = dataclasses.replace(entry, data_file=weights.name, data_file_sha256=sha256_file(weights))

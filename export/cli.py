@@ -35,15 +35,17 @@ def main():
               help="The batch TensorRT engines are tuned for (the profile's optimum): the batch you will run "
                    "[default: --max-batch].")
 @click.option("--opset", type=click.IntRange(min=17), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="Precision of the exported ONNX generator graphs (int8: dynamically quantized weight matmuls).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Precision of the exported ONNX generator graphs: fp32; int8 (dynamically quantized weight "
+                   "matmuls, ONNX Runtime); fp16 or bf16 (cast graphs with float32 norms, logits and sampler; bf16 "
+                   "runs on GPUs only) [default: the --engine-precision when fp16/bf16, else fp32].")
 @click.option("--backend", type=click.Choice(["onnx", "tensorrt", "aoti"]), default="onnx", show_default=True,
               help="onnx: ONNX files only; tensorrt: also build TensorRT engines (needs TensorRT and a GPU); "
                    "aoti: also compile AOTInductor packages (.pt2) with PyTorch.")
 @click.option("--engine-precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
               help="Precision of the TensorRT engines or AOTInductor packages (with --backend tensorrt|aoti; "
-                   "default fp32): fp32 (TF32 off, exact), tf32, fp16 or bf16 (TensorRT 10 only; the sampler stays "
-                   "fp32); aoti supports fp32 and bf16.")
+                   "default fp32): fp32 (TF32 off, exact), tf32, fp16 or bf16 (strongly typed engines from graphs "
+                   "exported in that precision; the sampler stays fp32); aoti supports fp32 and bf16.")
 @click.option("--aoti-device", type=click.Choice(AOTI_DEVICES), default=None,
               help="Device the AOTInductor packages are compiled for (with --backend aoti; default cpu).")
 @click.option("--with-transformer", is_flag=True,
@@ -67,6 +69,7 @@ def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opt_ba
         raise click.UsageError("--aoti-device applies to AOTInductor packages: add --backend aoti")
     if backend == "aoti" and engine_precision not in (None, "fp32", "bf16"):
         raise click.UsageError(f"--backend aoti supports --engine-precision fp32 or bf16, not {engine_precision}")
+    precision = _graph_precision(precision, backend, engine_precision)
     if backend == "tensorrt":       # fail before the long ONNX export when engines cannot be built here
         from maskbit_runtime.backends.tensorrt import import_tensorrt
         import_tensorrt()
@@ -106,3 +109,15 @@ def build_engines(tokenizer_ckpt, generator_ckpt, config, out, max_batch, opt_ba
     status = "verified" if manifest.verification.get("performed") else "NOT verified (--no-verify)"
     click.echo(f"wrote bundle {out} ({', '.join(sorted(manifest.components))}; {status})")
     sys.stdout.flush()
+
+
+def _graph_precision(precision: str | None, backend: str, engine_precision: str | None) -> str:
+    """The ONNX precision to export: what was asked for, checked against what TensorRT engines of
+    `engine_precision` need (strongly typed engines compute in their graphs' types)."""
+    if backend != "tensorrt":
+        return precision or "fp32"
+    needed = engine_precision if engine_precision in ("fp16", "bf16") else "fp32"
+    if precision not in (None, needed):
+        raise click.UsageError(f"--engine-precision {engine_precision or 'fp32'} builds from {needed} graphs; drop "
+                               f"--precision {precision} or pass --precision {needed}")
+    return needed

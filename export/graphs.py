@@ -18,6 +18,8 @@ from maskbit.generator import Generator
 from maskbit.step import GenerationStep
 from maskbit.tokenizer import Tokenizer, images_to_uint8
 
+from .cast import CAST_PRECISIONS, CastGenerator
+
 
 class EncoderGraph(nn.Module):
     """images float32 [B,3,H,W] in [0,1] -> indices int64 [B,h,w]."""
@@ -63,13 +65,16 @@ def dims_of(tokenizer: Tokenizer, generator: Generator | None) -> Dims:
                 num_groups=g.codebook_splits, group_classes=g.group_classes)
 
 
-def graph_module(name: str, tokenizer: Tokenizer, generator: Generator | None) -> nn.Module:
+def graph_module(name: str, tokenizer: Tokenizer, generator: Generator | None, precision: str = "fp32") -> nn.Module:
+    """The module exported as component `name`; at fp16/bf16 the generator graphs run a `CastGenerator`."""
     if name == "encoder":
         return EncoderGraph(tokenizer).eval()
     if name == "decoder":
         return DecoderGraph(tokenizer).eval()
     if generator is None:
         raise ValueError(f"component {name!r} needs a generator")
+    if precision in CAST_PRECISIONS and name in ("step", "step_unguided", "transformer"):
+        generator = CastGenerator(generator, precision)
     if name == "step":
         return GenerationStep(generator).eval()
     if name == "step_unguided":

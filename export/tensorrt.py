@@ -10,15 +10,15 @@ has built. A bundle that already lists engines is first rewritten without them (
 then the engine files are swapped in and the new manifest is written, so an interruption at any point leaves
 either the ONNX-only bundle or the complete new one, never a manifest whose hashes do not match its files.
 
-Precision: "fp32" clears TF32 so matrix products really run in float32, like the ONNX graphs the runtime is
-verified against; "tf32" keeps TensorRT's default TF32 matrix products (float32 storage, 10-bit mantissa
-products: several times faster on Ampere and later). "fp16"/"bf16" let TensorRT pick reduced-precision kernels (the weakly typed builder flags of
-TensorRT 10, deprecated in later 10.x releases in favour of strongly typed networks) but pin to float32 every
-layer downstream of the sampler's inputs (noise and the four per-step scalars: guidance, softmax, draw,
-confidence, re-masking) and every normalization layer (LayerNorm eps 1e-12 underflows in fp16).
-Sampling decisions of reduced-precision engines are not expected to match the eager sampler token for token.
-TensorRT 11 removed these weakly typed flags: there fp16/bf16 fail with a one-line error (strongly typed networks
-from precision-cast ONNX graphs are not built yet), and fp32/tf32 work on both.
+Networks are strongly typed (TensorRT 10 with the STRONGLY_TYPED flag; TensorRT 11 builds nothing else): every
+layer computes in the types its ONNX graph declares, so an engine's precision is the precision its graphs were
+exported in (`--precision`, cast.py), the same on TensorRT 10 and 11. "fp32" also clears TF32, so matrix products
+really run in float32 like the ONNX graphs the runtime is verified against; "tf32" keeps TensorRT's TF32 matrix
+products (float32 storage, 10-bit mantissa products: several times faster on Ampere and later). "fp16"/"bf16" need a
+bundle exported with that `--precision`: its generator graphs compute in fp16/bf16 with float32 LayerNorms and
+float32 logits, guidance and sampler; the tokenizer's graphs stay float32 and are built with TF32 (recorded as
+"tf32"). Sampling decisions of reduced-precision engines are not expected to match the eager sampler token for
+token; the distribution gate (quality.py) judges them.
 
 Timing cache: kernel timings are kept in `tensorrt.timing-cache` beside the manifest and reused by the next build
 in that bundle (TensorRT checks that the cache is from the same GPU and version; a mismatched or corrupt cache is
@@ -30,14 +30,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from maskbit_runtime.backends.cuda import gpu_info
 from maskbit_runtime.backends.tensorrt import collecting_logger, import_tensorrt
 from maskbit_runtime.manifest import BatchProfile, Manifest, sha256_file
-from maskbit_runtime.specs import COMPONENTS, STEP, TRANSFORMER, ComponentSpec, Dims
 from maskbit_runtime.errors import InputError, MaskbitError
+from maskbit_runtime.specs import COMPONENTS, ComponentSpec, Dims
+
+from .bundle import GENERATOR_COMPONENTS
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 TIMING_CACHE = "tensorrt.timing-cache"
@@ -48,51 +50,42 @@ TENSORRT_METHODS = ("Builder.create_network", "Builder.create_builder_config", "
                     "IBuilderConfig.set_memory_pool_limit", "IBuilderConfig.add_optimization_profile",
                     "IBuilderConfig.clear_flag", "IBuilderConfig.set_flag", "IBuilderConfig.create_timing_cache",
                     "IBuilderConfig.set_timing_cache", "ITimingCache.serialize", "IOptimizationProfile.set_shape",
-                    "INetworkDefinition.get_layer", "INetworkDefinition.get_input", "ILayer.get_input",
-                    "ILayer.get_output", "ILayer.set_output_type", "Runtime.deserialize_cuda_engine",
+                    "INetworkDefinition.get_input", "Runtime.deserialize_cuda_engine",
                     "ICudaEngine.create_execution_context", "ICudaEngine.get_tensor_name",
                     "ICudaEngine.get_tensor_dtype", "ICudaEngine.is_shape_inference_io",
                     "IExecutionContext.set_input_shape", "IExecutionContext.get_tensor_shape",
                     "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3")
 ENGINE_KEYS = ("engine", "engine_sha256", "engine_precision", "tensorrt_version", "gpu")
-# the step's inputs that the transformer does not take: noise and the per-step scalars feed only the sampler
-SAMPLER_INPUTS = tuple(t.name for t in STEP.inputs if t.name not in {s.name for s in TRANSFORMER.inputs})
 
 
 class EngineBuildError(MaskbitError, RuntimeError):
     """TensorRT could not parse or build a component."""
 
 
-def downstream_of(layers: Sequence[tuple[Iterable[str], Iterable[str]]], seeds: Iterable[str]) -> list[int]:
-    """Indices of the layers, given as (input names, output names) in topological order, that read a tensor
-    computed from any of `seeds`."""
-    reached = set(seeds)
-    found = []
-    for index, (inputs, outputs) in enumerate(layers):
-        if reached.intersection(inputs):
-            found.append(index)
-            reached.update(outputs)
-    return found
+def network_flags(trt) -> int:
+    """Strongly typed: TensorRT 10 needs the flag; TensorRT 11 is always strongly typed and ignores it."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
-def pin_sampler_fp32(trt, network) -> int:
-    """Constrain the sampler's layers and all normalization layers to float32; returns how many were pinned."""
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    ios = [([t for t in (layer.get_input(j) for j in range(layer.num_inputs)) if t is not None],
-            [layer.get_output(j) for j in range(layer.num_outputs)]) for layer in layers]
-    sampler = downstream_of([([t.name for t in ins], [t.name for t in outs]) for ins, outs in ios], SAMPLER_INPUTS)
-    norms = [i for i, layer in enumerate(layers) if layer.type == trt.LayerType.NORMALIZATION]
-    pinned = 0
-    for i in sorted(set(sampler) | set(norms)):
-        layer, (ins, outs) = layers[i], ios[i]
-        if not any(t.dtype == trt.float32 for t in ins + outs):
-            continue                                   # integer/boolean arithmetic has no precision to keep
-        layer.precision = trt.float32
-        for j, out in enumerate(outs):
-            if out.dtype == trt.float32:
-                layer.set_output_type(j, trt.float32)
-        pinned += 1
-    return pinned
+def component_precisions(manifest: Manifest, precision: str) -> dict[str, str]:
+    """The engine precision of every component for a build at `precision`, after checking that the bundle's graphs
+    carry it (a strongly typed engine computes in its graph's types); InputError, naming the fix, otherwise."""
+    if precision not in PRECISIONS:
+        raise InputError(f"engine precision {precision!r} is not supported; expected one of {', '.join(PRECISIONS)}")
+    reduced = precision in ("fp16", "bf16")
+    wanted, out = (precision if reduced else "fp32"), {}
+    for name, entry in manifest.components.items():
+        carries = name in GENERATOR_COMPONENTS
+        needed = wanted if carries else "fp32"
+        if entry.precision != needed:
+            how = (f"export the bundle with --precision {needed}" if entry.precision != "int8" else
+                   "int8 graphs hold ONNX Runtime's quantization operators, which TensorRT cannot parse; export "
+                   f"with --precision {needed}")
+            raise InputError(f"--engine-precision {precision} needs {needed} {name} graphs, but this bundle's are "
+                             f"{entry.precision}: {how}")
+        out[name] = precision if carries or not reduced else "tf32"
+    return out
 
 
 def _profile_shapes(spec: ComponentSpec, dims: Dims, batch_profile: BatchProfile) -> dict[str, tuple]:
@@ -103,7 +96,7 @@ def _profile_shapes(spec: ComponentSpec, dims: Dims, batch_profile: BatchProfile
 
 def _build_plan(trt, builder, logger, onnx_path: Path, spec: ComponentSpec, dims: Dims, batch_profile: BatchProfile,
                 precision: str, workspace_gb: float, timing_cache=None):
-    network = builder.create_network(0)          # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -119,17 +112,8 @@ def _build_plan(trt, builder, logger, onnx_path: Path, spec: ComponentSpec, dims
         config.set_timing_cache(timing_cache, False)
     if precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)
-    elif precision == "tf32":
+    else:                          # tf32, and the float32 parts of fp16/bf16 graphs; their types do the rest
         config.set_flag(trt.BuilderFlag.TF32)
-    else:
-        flag = getattr(trt.BuilderFlag, precision.upper(), None)
-        if flag is None:
-            raise EngineBuildError(f"TensorRT {trt.__version__} has no {precision} builder flag (removed in TensorRT "
-                                   f"11, which builds only strongly typed networks); build --engine-precision fp32 "
-                                   f"or tf32, or use TensorRT 10")
-        config.set_flag(flag)
-        pin_sampler_fp32(trt, network)
-        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in _profile_shapes(spec, dims, batch_profile).items():
         profile.set_shape(name, low, opt, high)
@@ -143,11 +127,9 @@ def _build_plan(trt, builder, logger, onnx_path: Path, spec: ComponentSpec, dims
 def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb: float = 4,
                   on_progress: Callable[[str], None] | None = None) -> Manifest:
     """Build a TensorRT engine for every component of the bundle at `bundle_dir`; returns the updated manifest."""
-    if precision not in PRECISIONS:
-        raise InputError(f"engine precision {precision!r} is not supported; expected one of "
-                         f"{', '.join(PRECISIONS)}")
     progress = on_progress or (lambda message: None)
     manifest = Manifest.load(bundle_dir)
+    precisions = component_precisions(manifest, precision)
     trt = import_tensorrt()
     gpu = gpu_info(0)
     logger = collecting_logger(trt)
@@ -157,9 +139,9 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb:
     cache = _load_timing_cache(trt, builder, root / TIMING_CACHE, progress)
     try:
         for name, entry in manifest.components.items():
-            progress(f"building TensorRT engine {name} ({precision})")
+            progress(f"building TensorRT engine {name} ({precisions[name]})")
             plan = _build_plan(trt, builder, logger, manifest.file(name), COMPONENTS[name], manifest.dims,
-                               entry.batch_profile, precision, workspace_gb, cache)
+                               entry.batch_profile, precisions[name], workspace_gb, cache)
             plans[name] = root / f".{name}.engine.partial-{tag}"
             with open(plans[name], "wb") as f:
                 f.write(plan)
@@ -171,7 +153,7 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb:
             path = root / f"{name}.engine"
             os.replace(tmp, path)
             components[name] = dataclasses.replace(
-                components[name], engine=path.name, engine_sha256=sha256_file(path), engine_precision=precision,
+                components[name], engine=path.name, engine_sha256=sha256_file(path), engine_precision=precisions[name],
                 tensorrt_version=trt.__version__, gpu={k: str(gpu[k]) for k in ("name", "compute_capability")})
         manifest.replace(components=components).write(root)
         _save_timing_cache(cache, root / TIMING_CACHE, tag)

@@ -5,8 +5,8 @@ sampled groups) may flip where a float lands within rounding error of the thresh
 mismatching fraction; uint8 images allow one level where x255 rounds the other way. Whole seeded generations
 must give exactly the eager tokens.
 
-Reduced precision (`int8`) cannot match float32 sampled groups exactly: a logit error moves the inverse-CDF
-draw wherever the uniform lands near a class boundary. Its quality gate is the distribution gate
+Reduced precision (`int8`, `fp16`, `bf16`) cannot match float32 sampled groups exactly: a logit error moves the
+inverse-CDF draw wherever the uniform lands near a class boundary. Its quality gate is the distribution gate
 (`quality.py`): the total variation between its sampling distributions and float32's along a teacher-forced
 trajectory of up to AGREEMENT_STEPS steps. The component tolerances below only catch gross errors; a
 free-running int8 generation diverges from float32 after its first different draw, so its token mismatch is
@@ -14,6 +14,19 @@ recorded, not gated, and so is the teacher-forced agreement of sampled groups.
 """
 
 from __future__ import annotations
+
+# int8, fp16 and bf16 catch gross errors only (the distribution gate decides). Measured on the demo model (|logits|
+# up to 7): the fp16 graph in ONNX Runtime differs from its eager module by at most 0.012, the bf16 graph (emulated,
+# cast.py) by 0.22; the eager cast modules differ from float32 by 0.012 and 0.088
+_REDUCED = {
+    "encoder": {"max_mismatch_fraction": 1e-3},          # the tokenizer stays float32
+    "decoder": {"max_abs": 1, "max_mismatch_fraction": 0.02},
+    "transformer": {"atol": 0.5, "rtol": 0.1},
+    "step": {"max_mismatch_fraction": 0.25},
+    "step_unguided": {"max_mismatch_fraction": 0.25},
+    "combine": {"max_mismatch_fraction": 0.0},
+    "generation": {"max_mismatch_fraction": 1.0},
+}
 
 TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
     "fp32": {
@@ -25,15 +38,9 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
         "combine": {"max_mismatch_fraction": 0.0},
         "generation": {"max_mismatch_fraction": 0.0},
     },
-    "int8": {
-        "encoder": {"max_mismatch_fraction": 1e-3},          # the tokenizer stays float32
-        "decoder": {"max_abs": 1, "max_mismatch_fraction": 0.02},
-        "transformer": {"atol": 0.5, "rtol": 0.1},
-        "step": {"max_mismatch_fraction": 0.25},
-        "step_unguided": {"max_mismatch_fraction": 0.25},
-        "combine": {"max_mismatch_fraction": 0.0},
-        "generation": {"max_mismatch_fraction": 1.0},
-    },
+    "int8": _REDUCED,
+    "fp16": _REDUCED,
+    "bf16": _REDUCED,
 }
 
 AGREEMENT_STEPS = 64                # longest teacher-forced trajectory of the distribution gate

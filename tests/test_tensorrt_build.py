@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import maskbit
 from maskbit_export import tensorrt as trt_export
 from maskbit_export.cli import main as export_cli
+from maskbit_runtime.errors import InputError
 from maskbit_runtime.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ SOURCES = (ROOT / "export" / "tensorrt.py", ROOT / "runtime" / "backends" / "ten
 
 
 class _Flags:
-    TF32, FP16, BF16, PREFER_PRECISION_CONSTRAINTS = "TF32", "FP16", "BF16", "PREFER_PRECISION_CONSTRAINTS"
+    TF32, FP16, BF16 = "TF32", "FP16", "BF16"
 
 
 class FakeCache:
@@ -72,6 +73,7 @@ class FakeBuilder:
         self.fake = fake
 
     def create_network(self, flags):
+        self.fake.network_flags.append(flags)
         return FakeNetwork(self.fake.inputs)
 
     def create_builder_config(self):
@@ -82,38 +84,47 @@ class FakeBuilder:
         return SimpleNamespace(set_shape=lambda name, *s: shapes.__setitem__(name, s), shapes=shapes)
 
     def build_serialized_network(self, network, config):
-        self.fake.builds.append(SimpleNamespace(flags=set(config.flags), cache=config.cache,
-                                                shapes=config.profile.shapes))
+        self.fake.builds.append(SimpleNamespace(
+            flags=set(config.flags), cache=config.cache, shapes=config.profile.shapes,
+            strongly_typed=self.fake.network_flags[-1]))
         return b"plan"
 
 
-def fake_tensorrt(inputs, has_reduced_flags=True):
-    """A module with the parts of TensorRT's Python API `build_engines` uses; builds are recorded."""
-    fake = SimpleNamespace(__version__="10.99.0", log=[], builds=[], inputs=inputs)
-    flags = _Flags if has_reduced_flags else SimpleNamespace(TF32="TF32", PREFER_PRECISION_CONSTRAINTS="P")
-    fake.BuilderFlag = flags
+def fake_tensorrt(inputs, strongly_typed_flag=True):
+    """A module with the parts of TensorRT's Python API `build_engines` uses; builds are recorded. Without
+    `strongly_typed_flag` it has no STRONGLY_TYPED creation flag (a TensorRT that dropped it)."""
+    fake = SimpleNamespace(__version__="10.99.0", log=[], builds=[], inputs=inputs, network_flags=[])
+    fake.BuilderFlag = _Flags
+    fake.NetworkDefinitionCreationFlag = SimpleNamespace(**({"STRONGLY_TYPED": 3} if strongly_typed_flag else {}))
     fake.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
-    fake.LayerType = SimpleNamespace(NORMALIZATION="NORMALIZATION")
-    fake.float32 = "float32"
     fake.Builder = lambda logger: FakeBuilder(fake)
     fake.OnnxParser = lambda network, logger: SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
     return fake
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def _export(root, *extra):
     """A tiny ONNX bundle (max batch 4, engines tuned for batch 2), exported by the CLI without verification."""
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("trt")
     preset = maskbit.get_preset("tiny_lfq10")
     maskbit.save_tokenizer(maskbit.build_tokenizer("tiny_lfq10"), root / "tok.safetensors", preset)
     maskbit.save_generator(maskbit.build_generator("tiny_lfq10"), root / "gen.safetensors", preset)
     result = CliRunner().invoke(export_cli, [
         "build-engines", "--tokenizer", str(root / "tok.safetensors"), "--generator", str(root / "gen.safetensors"),
         "--config", "tiny_lfq10", "--out", str(root / "bundle"), "--max-batch", "4", "--opt-batch", "2",
-        "--no-verify"])
+        "--no-verify", *extra])
     assert result.exit_code == 0, result.output
     return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("trt"))
+
+
+@pytest.fixture(scope="module")
+def reduced_bundles(tmp_path_factory):
+    """Bundles whose generator graphs were exported in fp16 / bf16 / int8."""
+    return {p: _export(tmp_path_factory.mktemp(p), "--precision", p) for p in ("fp16", "bf16", "int8")}
 
 
 @pytest.fixture
@@ -136,26 +147,56 @@ def test_the_profile_optimum_is_the_batch_asked_for(bundle, fake):
     assert (low[0], opt[0], high[0]) == (1, 2, 4)
 
 
-@pytest.mark.parametrize("precision, present, absent", [
-    ("fp32", set(), {"TF32", "FP16", "BF16"}),
-    ("tf32", {"TF32"}, {"FP16", "BF16"}),
-    ("fp16", {"FP16", "PREFER_PRECISION_CONSTRAINTS"}, {"BF16"}),
-    ("bf16", {"BF16", "PREFER_PRECISION_CONSTRAINTS"}, {"FP16"}),
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("tf32", True), ("fp16", True), ("bf16", True)])
+def test_networks_are_strongly_typed_and_tf32_is_set_as_asked(bundle, reduced_bundles, fake, precision, tf32):
+    """The graphs' types decide the precision; TF32 only for tf32 and the float32 (tokenizer) parts of fp16/bf16
+    builds; TensorRT 10's weakly typed FP16/BF16 flags are never set."""
+    root = reduced_bundles[precision] if precision in ("fp16", "bf16") else bundle
+    manifest = trt_export.build_engines(root, precision)
+    assert len(fake.builds) == len(manifest.components)
+    assert all(b.strongly_typed == 1 << 3 for b in fake.builds)
+    assert all(("TF32" in b.flags) == tf32 and not {"FP16", "BF16"} & b.flags for b in fake.builds)
+    expected = {name: (precision if name in ("step", "step_unguided") or precision in ("fp32", "tf32") else "tf32")
+                for name in manifest.components}
+    assert {n: e.engine_precision for n, e in manifest.components.items()} == expected
+
+
+def test_a_tensorrt_without_the_strongly_typed_flag_builds_with_none(bundle, monkeypatch, fake):
+    """TensorRT 11 is always strongly typed; should the deprecated flag go, networks are created with no flags."""
+    plain = fake_tensorrt(fake.inputs, strongly_typed_flag=False)
+    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: plain)
+    trt_export.build_engines(bundle, "fp32")
+    assert plain.network_flags and set(plain.network_flags) == {0}
+
+
+@pytest.mark.parametrize("graphs, engine, message", [
+    ("fp32", "fp16", "--engine-precision fp16 needs fp16 step graphs, but this bundle's are fp32: export the "
+                     "bundle with --precision fp16"),
+    ("fp16", "fp32", "--engine-precision fp32 needs fp32 step graphs, but this bundle's are fp16"),
+    ("fp16", "bf16", "needs bf16 step graphs, but this bundle's are fp16"),
+    ("int8", "tf32", "int8 graphs hold ONNX Runtime's quantization operators, which TensorRT cannot parse"),
 ])
-def test_engine_precision_sets_exactly_its_builder_flags(bundle, fake, precision, present, absent):
-    manifest = trt_export.build_engines(bundle, precision)
-    assert fake.builds and all(present <= b.flags and not absent & b.flags for b in fake.builds)
-    assert {e.engine_precision for e in manifest.components.values()} == {precision}
+def test_engines_of_another_precision_than_the_graphs_are_refused_first(bundle, reduced_bundles, fake, graphs,
+                                                                         engine, message):
+    root = bundle if graphs == "fp32" else reduced_bundles[graphs]
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    with pytest.raises(InputError, match=re.escape(message)):
+        trt_export.build_engines(root, engine)
+    assert not fake.builds and not fake.network_flags
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
 
 
-def test_reduced_precision_without_the_weak_flags_is_one_clear_error(bundle, monkeypatch, fake):
-    weak = fake_tensorrt(fake.inputs, has_reduced_flags=False)
-    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: weak)
-    before = (bundle / "manifest.json").read_bytes()
-    with pytest.raises(trt_export.EngineBuildError, match="TensorRT 11.*fp32 or tf32"):
-        trt_export.build_engines(bundle, "fp16")
-    assert (bundle / "manifest.json").read_bytes() == before
-    assert not list(bundle.glob(".*partial*"))
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "tensorrt", "--engine-precision", "fp16", "--precision", "fp32"],
+     "--engine-precision fp16 builds from fp16 graphs; drop --precision fp32 or pass --precision fp16"),
+    (["--backend", "tensorrt", "--precision", "int8"],
+     "--engine-precision fp32 builds from fp32 graphs; drop --precision int8"),
+])
+def test_the_cli_refuses_graph_and_engine_precisions_that_do_not_fit_before_exporting(tmp_path, args, message):
+    result = CliRunner().invoke(export_cli, ["build-engines", "--tokenizer", str(tmp_path / "missing.safetensors"),
+                                             "--out", str(tmp_path / "b"), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_the_timing_cache_is_kept_beside_the_bundle_and_reused(bundle, fake):
@@ -214,7 +255,4 @@ def test_every_tensorrt_attribute_used_exists_in_the_installed_package():
                 missing.append(chain)
                 break
             obj = getattr(obj, part)
-    # the weakly typed reduced-precision flags are optional: TensorRT 11 removed them, and fp16/bf16 then fail
-    # with a clear error (test_reduced_precision_without_the_weak_flags_is_one_clear_error)
-    missing = [m for m in missing if m not in {"BuilderFlag.PREFER_PRECISION_CONSTRAINTS"}]
     assert not missing, f"TensorRT {trt.__version__} lacks {missing}"

@@ -108,6 +108,10 @@ class OrtPrimitives:
             entry = self.manifest.component(component)
             if entry.data_file is not None:
                 self.manifest.file(component, "data_file")      # confined and hash-checked before ORT reads it
+            if entry.precision == "bf16" and self.device != "cuda":
+                raise BackendError(f"{path.name} is a bfloat16 graph, which ONNX Runtime runs only with its CUDA "
+                                   f"provider (its CPU provider has no bfloat16 MatMul); use a GPU (--backend tensorrt "
+                                   f"or onnxruntime-gpu) or export --precision fp16, int8 or fp32 for the CPU")
             try:
                 session = self.ort.InferenceSession(str(path), self.options, providers=self.providers,
                                                     provider_options=self.provider_options)
