@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from maskbit_runtime.backends.aoti import COMPONENT_KEY, DEVICES, PACKAGE_KEYS, REBUILD, RUNTIME_COMPONENTS
 from maskbit_runtime.errors import InputError, MaskbitError
 from maskbit_runtime.manifest import Manifest, sha256_file
 from maskbit_runtime.specs import COMPONENTS, ComponentSpec, Dims
@@ -37,6 +36,8 @@ from torch import nn
 
 from maskbit.generator import Generator
 from maskbit.tokenizer import Tokenizer
+
+from .aoti_backend import COMPONENT_KEY, DEVICES, PACKAGE_KEYS, REBUILD, RUNTIME_COMPONENTS
 
 from .graphs import graph_module, sample_inputs
 from .tolerances import tolerance

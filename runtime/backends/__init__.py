@@ -6,6 +6,7 @@ generation, so every backend runs the same stepper and the same combine-then-dec
 
 from __future__ import annotations
 
+from ..errors import MissingDependencyError
 from .base import BackendError, Executor, Primitives
 
 BACKENDS = ("ort", "tensorrt", "aoti")
@@ -19,8 +20,12 @@ def open_backend(name: str, manifest, **options) -> Executor:
     if name == "tensorrt":
         from .tensorrt import TensorRTPrimitives
         return Executor(TensorRTPrimitives(manifest, **options), manifest)
-    if name == "aoti":
-        from .aoti import AotiPrimitives          # imports torch: only this backend does
+    if name == "aoti":             # torch-based, so it lives with the exporter: this package never imports torch
+        try:
+            from maskbit_export.aoti_backend import AotiPrimitives
+        except ImportError as exc:
+            raise MissingDependencyError(f"the AOTInductor backend needs the full maskbit package with PyTorch: "
+                                         f"pip install 'maskbit[torch]' ({exc.name} missing)") from None
         return Executor(AotiPrimitives(manifest, **options), manifest)
     raise BackendError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 

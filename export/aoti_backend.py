@@ -9,8 +9,9 @@ package call and its copies) once per ping-pong parity and replays it: as with T
 first copied on the device into fixed tensors, which the graph reads.
 
 Packages are tied to the PyTorch version that compiled them and to their device (cpu or cuda); the manifest's
-record of both is compared with this process before any package is loaded. torch is imported only when this
-backend is opened (pip install 'maskbit[torch]'); the ONNX Runtime path never imports it.
+record of both is compared with this process before any package is loaded. This backend is torch-based, so it
+lives here, with the exporter, rather than in `maskbit_runtime`, which never imports torch: `open_backend("aoti")`
+loads it from this package, and torch only then.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingDependencyError
-from ..manifest import Manifest
-from ..specs import COMPONENTS, DEFAULT_COMPONENTS
-from .base import BackendError, Transfers
+from maskbit_runtime.backends.base import BackendError, Transfers
+from maskbit_runtime.errors import MissingDependencyError
+from maskbit_runtime.manifest import Manifest
+from maskbit_runtime.specs import COMPONENTS, DEFAULT_COMPONENTS
 
 DEVICES = ("cpu", "cuda")
 PACKAGE_KEYS = ("package", "package_sha256", "package_precision", "package_device", "torch_version")
