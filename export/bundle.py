@@ -31,16 +31,13 @@ from maskbit.config import ModelConfig
 from maskbit.generator import Generator
 from maskbit.tokenizer import Tokenizer
 
-from .graphs import dims_of, graph_module, sample_inputs
+from .graphs import GENERATOR_COMPONENTS, dims_of, graph_module, sample_inputs
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .quantize import quantize_int8
 from .verify import VerificationError, verify_bundle
 from .weights import share_weights
 
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")       # of the ONNX graphs; engines have their own (--engine-precision)
-# the graphs that carry the precision (int8: quantized matmuls; fp16/bf16: cast, see cast.py); the tokenizer's
-# convolutions stay float32
-GENERATOR_COMPONENTS = ("step", "step_unguided", "transformer")
 GENERATOR_WEIGHTS = "generator.weights"             # one external-data file shared by the generator graphs
 
 

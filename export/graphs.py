@@ -20,6 +20,10 @@ from maskbit.tokenizer import Tokenizer, images_to_uint8
 
 from .cast import CAST_PRECISIONS, CastGenerator
 
+# the graphs that carry a bundle's precision (int8: quantized matmuls; fp16/bf16: cast, see cast.py) and share the
+# generator's weights; the tokenizer's convolutions stay float32
+GENERATOR_COMPONENTS = ("step", "step_unguided", "transformer")
+
 
 class EncoderGraph(nn.Module):
     """images float32 [B,3,H,W] in [0,1] -> indices int64 [B,h,w]."""
@@ -73,7 +77,7 @@ def graph_module(name: str, tokenizer: Tokenizer, generator: Generator | None, p
         return DecoderGraph(tokenizer).eval()
     if generator is None:
         raise ValueError(f"component {name!r} needs a generator")
-    if precision in CAST_PRECISIONS and name in ("step", "step_unguided", "transformer"):
+    if precision in CAST_PRECISIONS and name in GENERATOR_COMPONENTS:
         generator = CastGenerator(generator, precision)
     if name == "step":
         return GenerationStep(generator).eval()

@@ -39,7 +39,7 @@ from maskbit_runtime.manifest import BatchProfile, Manifest, sha256_file
 from maskbit_runtime.errors import InputError, MaskbitError
 from maskbit_runtime.specs import COMPONENTS, ComponentSpec, Dims
 
-from .bundle import GENERATOR_COMPONENTS
+from .graphs import GENERATOR_COMPONENTS
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 TIMING_CACHE = "tensorrt.timing-cache"
