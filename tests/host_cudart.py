@@ -257,3 +257,117 @@ class FakeContext:
             write(addresses[t.name], value.astype(t.dtype))
         self.trt.runs += 1
 
+
+
+class HostOrt:
+    """onnxruntime stand-in with a "CUDA" provider whose device memory is a `HostCudart`'s host memory: sessions
+    run the real ONNX file with ONNX Runtime's CPU provider on the bound addresses. A session created with
+    "enable_cuda_graph" captures what a run with a given "gpu_graph_id" reads and writes on its first run and
+    replays those addresses on later runs with that id, whatever is bound then, as ONNX Runtime does."""
+
+    __version__ = "1.99.0 (host stand-in)"
+    SessionOptions = ort.SessionOptions
+    GraphOptimizationLevel = ort.GraphOptimizationLevel
+
+    def __init__(self, cudart: HostCudart, refuse_graphs: bool = False):
+        self.cudart = cudart
+        self.refuse_graphs = refuse_graphs        # sessions with enable_cuda_graph fail to create
+        self.sessions: list[HostSession] = []
+        self.OrtValue = types.SimpleNamespace(ortvalue_from_shape_and_type=self._allocate)
+
+    def get_available_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    class RunOptions:
+        def __init__(self):
+            self.entries: dict[str, str] = {}
+
+        def add_run_config_entry(self, key, value):
+            self.entries[key] = value
+
+    def InferenceSession(self, path, options, providers, provider_options):  # noqa: N802 (onnxruntime's name)
+        session = HostSession(self, path, providers, provider_options)
+        if self.refuse_graphs and session.cuda_options.get("enable_cuda_graph") == "1":
+            raise RuntimeError("This session cannot use the CUDA Graph feature as requested by the user as all "
+                               "compute graph nodes have not been partitioned to the CUDA EP.")
+        self.sessions.append(session)
+        return session
+
+    def _allocate(self, shape, dtype, device, index):
+        assert device == "cuda", device
+        return HostOrtValue(self.cudart, tuple(shape), np.dtype(dtype))
+
+
+class HostOrtValue:
+    _TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "uint8": "tensor(uint8)", "bool": "tensor(bool)"}
+
+    def __init__(self, cudart: HostCudart, shape: tuple[int, ...], dtype: np.dtype):
+        self._shape, self.dtype = shape, dtype
+        self.ptr = cudart.cudaMalloc(max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 1))[1]
+
+    def shape(self):
+        return list(self._shape)
+
+    def data_type(self):
+        return self._TYPES[self.dtype.name]
+
+    def data_ptr(self):
+        return self.ptr
+
+    def update_inplace(self, array):
+        write(self.ptr, np.asarray(array, dtype=self.dtype).reshape(self._shape))
+
+    def numpy(self):
+        return read(self.ptr, self._shape, self.dtype)
+
+
+class HostSession:
+    def __init__(self, host: HostOrt, path, providers, provider_options):
+        self.host, self.providers = host, list(providers)
+        self.cuda_options = dict(provider_options[self.providers.index("CUDAExecutionProvider")])
+        self.real = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.graphs: dict[str, tuple] = {}        # gpu_graph_id -> (inputs, outputs) captured
+        self.runs = 0
+
+    def get_providers(self):
+        return self.providers
+
+    def get_inputs(self):
+        return self.real.get_inputs()
+
+    def get_outputs(self):
+        return self.real.get_outputs()
+
+    def io_binding(self):
+        return HostBinding()
+
+    def run_with_iobinding(self, binding, run_options=None):
+        entries = run_options.entries if run_options is not None else {}
+        graph = entries.get("gpu_graph_id") if self.cuda_options.get("enable_cuda_graph") == "1" else None
+        if graph is not None and graph in self.graphs:
+            inputs, outputs = self.graphs[graph]            # a replay reads and writes where the capture did
+        else:
+            inputs, outputs = dict(binding.inputs), dict(binding.outputs)
+            if graph is not None:
+                self.graphs[graph] = inputs, outputs
+        feeds = {name: read(ptr, shape, dtype) for name, (ptr, shape, dtype) in inputs.items()}
+        for name, value in zip(outputs, self.real.run(list(outputs), feeds)):
+            ptr, shape, dtype = outputs[name]
+            assert value.shape == shape and value.dtype == dtype, (name, value.shape, shape)
+            write(ptr, value)
+        self.runs += 1
+
+
+class HostBinding:
+    def __init__(self):
+        self.inputs: dict[str, tuple] = {}
+        self.outputs: dict[str, tuple] = {}
+
+    def bind_input(self, name, device, index, element_type, shape, ptr):
+        self.inputs[name] = (ptr, tuple(shape), np.dtype(element_type))
+
+    def bind_ortvalue_input(self, name, value):
+        self.inputs[name] = (value.ptr, value._shape, value.dtype)
+
+    def bind_ortvalue_output(self, name, value):
+        self.outputs[name] = (value.ptr, value._shape, value.dtype)

@@ -257,15 +257,20 @@ class TestTensorRT:
 
 
 @pytest.mark.gpu
-def test_onnx_runtime_cuda_generation_matches_eager_tokens(cli_run, eager):
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_onnx_runtime_cuda_generation_matches_eager_tokens(cli_run, eager, cuda_graphs):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
         pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider and a CUDA GPU (pip install 'maskbit[gpu]')")
     out, _ = cli_run
     with Pipeline.load(out, backend="ort", providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-                       provider_options={"CUDAExecutionProvider": {"use_tf32": "0"}}) as pipe:   # exact fp32
+                       provider_options={"CUDAExecutionProvider": {"use_tf32": "0"}},      # exact fp32
+                       cuda_graphs=cuda_graphs) as pipe:
         assert pipe.backend.primitives.device == "cuda"
         result = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
+        if cuda_graphs:
+            assert pipe.info()["runtime"]["cuda_graphs"] == "on"
+            assert pipe.last_transfers == Transfers(7, 2, 5 * STEPS, 1)
     np.testing.assert_array_equal(result.tokens, eager.tokens)
     assert np.abs(result.images.astype(np.int16) - eager.images.astype(np.int16)).max() <= 1
 

@@ -77,6 +77,12 @@ class Stream:
     def synchronize(self) -> None:
         check(import_cudart().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 
+    def copy_device_to_device(self, dst: int, src: int, nbytes: int) -> None:
+        """Queue an asynchronous copy of `nbytes` between two device addresses on this stream."""
+        cudart = import_cudart()
+        check(cudart.cudaMemcpyAsync(dst, src, nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream),
+              "cudaMemcpyAsync(device to device)")
+
     def close(self) -> None:
         if self._stream is not None:
             check(import_cudart().cudaStreamDestroy(self._stream), "cudaStreamDestroy")
@@ -119,9 +125,7 @@ class Device:
         if source.shape != self.shape or source.dtype != self.dtype:
             raise ValueError(f"cannot copy {source.dtype} {source.shape} into a device buffer of {self.dtype} "
                              f"{self.shape}")
-        cudart = import_cudart()
-        check(cudart.cudaMemcpyAsync(self.ptr, source.ptr, self.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
-                                     self.stream._stream), "cudaMemcpyAsync(device to device)")
+        self.stream.copy_device_to_device(self.ptr, source.ptr, self.nbytes)
 
     def row(self, index: int, shape: tuple[int, ...]) -> Slice:
         """Row `index` of this 2-d buffer read as a tensor of `shape`: an address inside it, no copy."""

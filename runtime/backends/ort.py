@@ -8,16 +8,23 @@ plus the row's offset), so a staged step reads its noise and scalars where the o
 `OrtValue.update_inplace` from ordinary numpy arrays: on CUDA, ONNX Runtime copies them itself (a blocking copy
 from pageable memory). Page-locked staging would need cuda-python here only to speed up the few copies a
 generation makes, and binding page-locked *host* memory as a step input would make ONNX Runtime copy it to the
-GPU on every run. ONNX Runtime's own CUDA graphs ("enable_cuda_graph") are not used: a captured session
-replays fixed input addresses, but a staged step reads a different row each step, and moving the row into a
-fixed buffer needs a device-to-device copy on ONNX Runtime's stream, which its Python API does not offer; and
-its CUDA provider synchronizes its stream at the end of every run, which `transfers` counts.
+GPU on every run. Without CUDA graphs the CUDA provider synchronizes its stream at the end of every run, which
+`transfers` counts.
+
+CUDA graphs (`cuda_graphs=True`, on CUDA; needs cuda-python): ONNX Runtime's own capture ("enable_cuda_graph")
+replays fixed input and output addresses per graph id ("gpu_graph_id" run option; it does not check them), so each
+step binding (one per batch size and ping-pong parity) gets its own id and binds fixed buffers; before each run
+the step's rows are copied device-to-device into them, on a stream this backend creates and hands to ONNX Runtime
+as its compute stream ("user_compute_stream"), so the copies and the replay are ordered without waiting on the
+host. Runs do not synchronize ("disable_synchronize_execution_providers"); the download at the end waits once.
+When ONNX Runtime refuses capture for a graph (for example, nodes placed on the CPU), that component runs without
+graphs and `describe` says why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +34,7 @@ from ..manifest import Manifest
 from ..specs import COMPONENTS
 from .base import BackendError, Transfers, check_component_io
 
+GRAPHED = ("step", "step_unguided")        # the components replayed as CUDA graphs
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
@@ -41,6 +49,10 @@ class Row:
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
 
 
 ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu")     # distributions that install the same `onnxruntime` package
@@ -77,9 +89,10 @@ class OrtPrimitives:
     name = "ort"
 
     def __init__(self, manifest: Manifest, providers: list[str] | None = None, threads: int | None = None,
-                 provider_options: dict[str, dict[str, str]] | None = None):
+                 provider_options: dict[str, dict[str, str]] | None = None, cuda_graphs: bool = False):
         """`provider_options`: per provider name, e.g. {"CUDAExecutionProvider": {"use_tf32": "0"}} for exact
-        float32 parity on GPUs (ONNX Runtime's CUDA provider uses TF32 by default)."""
+        float32 parity on GPUs (ONNX Runtime's CUDA provider uses TF32 by default). `cuda_graphs`: replay the step
+        as CUDA graphs on CUDA (see the module notes; ignored on the CPU)."""
         self.ort = import_ort()
         available = self.ort.get_available_providers()
         if providers is None:
@@ -101,6 +114,15 @@ class OrtPrimitives:
         self._sessions: dict[str, Any] = {}
         self._staging: dict[int, tuple[Any, np.ndarray]] = {}
         self.transfers = Transfers()
+        self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
+        self.graphs_off: dict[str, str] = {}          # component -> why ONNX Runtime would not capture it
+        self._fixed: dict[tuple, Any] = {}            # where graphed steps read their rows
+        self._graph_ids: dict[tuple, int] = {}       # addresses -> graph id (from 1: ORT reserves 0; -1 is "none")
+        self.stream = None
+        if self.cuda_graphs:
+            from .cuda import Stream                  # cuda-python: the row copies run on ONNX Runtime's stream
+            self.stream = Stream(0)
+            self.provider_options[self.providers.index(CUDA)]["user_compute_stream"] = str(self.stream.handle)
 
     def session(self, component: str):
         if component not in self._sessions:
@@ -112,9 +134,19 @@ class OrtPrimitives:
                 raise BackendError(f"{path.name} is a bfloat16 graph, which ONNX Runtime runs only with its CUDA "
                                    f"provider (its CPU provider has no bfloat16 MatMul); use a GPU (--backend tensorrt "
                                    f"or onnxruntime-gpu) or export --precision fp16, int8 or fp32 for the CPU")
+            session = None
+            if self.cuda_graphs and component in GRAPHED:
+                cuda = self.providers.index(CUDA)
+                options = [dict(o) for o in self.provider_options]
+                options[cuda]["enable_cuda_graph"] = "1"
+                try:
+                    session = self.ort.InferenceSession(str(path), self.options, providers=self.providers,
+                                                        provider_options=options)
+                except Exception as exc:  # ORT raises its own exception types; try again without graphs
+                    self.graphs_off[component] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             try:
-                session = self.ort.InferenceSession(str(path), self.options, providers=self.providers,
-                                                    provider_options=self.provider_options)
+                session = session or self.ort.InferenceSession(str(path), self.options, providers=self.providers,
+                                                               provider_options=self.provider_options)
             except Exception as exc:  # ORT raises its own exception types
                 raise BackendError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
             # get_available_providers() lists what the package was built with, not what loads: a CUDA provider
@@ -154,34 +186,80 @@ class OrtPrimitives:
         self.transfers.host_to_device += 1
 
     def download(self, *buffers) -> list[np.ndarray]:
+        if self.stream is not None:             # runs did not wait: wait once for all queued work
+            self.stream.synchronize()
+            self.transfers.host_syncs += 1
         self.transfers.device_to_host += len(buffers)
         return [buffer.numpy().copy() for buffer in buffers]          # numpy() may alias the reused buffer
 
-    def bind(self, component: str, buffers: Mapping[str, Any]):
+    def bind(self, component: str, buffers: Mapping[str, Any]) -> Binding:
         session = self.session(component)
         spec = COMPONENTS[component]
-        binding = session.io_binding()
+        graphed = self.cuda_graphs and component in GRAPHED and component not in self.graphs_off
+        binding = Binding(session, session.io_binding(), dict(buffers), self.ort.RunOptions())
+        addresses = [component]
         for t in spec.inputs:
             buffer = buffers[t.name]
+            if isinstance(buffer, Row) and graphed:          # a graph reads fixed addresses: copy the row there
+                fixed = self._fixed_for(component, t.name, buffer)
+                binding.copies.append((fixed, buffer))
+                buffer = fixed
             if isinstance(buffer, Row):
-                binding.bind_input(t.name, self.device, 0, buffer.dtype.type, list(buffer.shape), buffer.ptr)
+                binding.io.bind_input(t.name, self.device, 0, buffer.dtype.type, list(buffer.shape), buffer.ptr)
+                addresses.append(buffer.ptr)
             else:
-                binding.bind_ortvalue_input(t.name, buffer)
+                binding.io.bind_ortvalue_input(t.name, buffer)
+                addresses.append(buffer.data_ptr())
         for t in spec.outputs:
-            binding.bind_ortvalue_output(t.name, buffers[t.name])
-        return session, binding, dict(buffers)          # the buffers stay alive as long as the binding
+            binding.io.bind_ortvalue_output(t.name, buffers[t.name])
+            addresses.append(buffers[t.name].data_ptr())
+        if self.cuda_graphs:
+            binding.options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        if graphed:        # one graph per set of addresses: the steps of one parity share theirs
+            graph = self._graph_ids.setdefault(tuple(addresses), len(self._graph_ids) + 1)
+            binding.options.add_run_config_entry("gpu_graph_id", str(graph))
+        return binding
 
-    def run(self, binding) -> None:
-        session, io_binding, _ = binding
-        session.run_with_iobinding(io_binding)
-        if self.device == "cuda":
+    def _fixed_for(self, component: str, name: str, row: Row):
+        key = (component, name, row.shape)
+        if key not in self._fixed:
+            self._fixed[key] = self.allocate(row.shape, row.dtype.name)
+        return self._fixed[key]
+
+    def run(self, binding: Binding) -> None:
+        for fixed, row in binding.copies:
+            self.stream.copy_device_to_device(fixed.data_ptr(), row.ptr, row.nbytes)
+            self.transfers.device_to_device += 1
+        binding.session.run_with_iobinding(binding.io, binding.options)
+        if self.device == "cuda" and not self.cuda_graphs:
             self.transfers.host_syncs += 1      # the CUDA provider synchronizes its stream at the end of each run
 
     def describe(self) -> dict:
+        off = "; ".join(f"{name}: {why}" for name, why in self.graphs_off.items())
+        graphs = ("off (on the CPU)" if self.device != "cuda" else "off (cuda_graphs=False)" if not self.cuda_graphs
+                  else f"off for {off}" if off else "on")
         return {"backend": self.name, "onnxruntime": self.ort.__version__, "providers": self.providers,
                 "available_providers": self.ort.get_available_providers(), "device": self.device,
-                "cuda_graphs": "not used with ONNX Runtime (see maskbit_runtime/backends/ort.py)"}
+                "cuda_graphs": graphs}
 
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
         self._sessions.clear()
         self._staging.clear()
+        self._fixed.clear()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+@dataclass(eq=False)
+class Binding:
+    """A session's IOBinding with its buffers (kept alive with it), run options, and the rows a graphed step copies
+    into its fixed inputs before each run."""
+
+    session: Any
+    io: Any
+    buffers: dict
+    options: Any
+    copies: list = field(default_factory=list)
