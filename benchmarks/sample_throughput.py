@@ -17,7 +17,8 @@ import ray
 from maskbit_runtime.cli import DEMO_BUNDLE
 from maskbit_runtime.machine import cpu_info
 from maskbit_runtime.manifest import Manifest
-from maskbit_runtime.sample import make_spec, run
+from maskbit_runtime.run_spec import make_spec
+from maskbit_runtime.runs import run_shard
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     modes = [("no Ray", {}), ("Ray, 1 worker", {"ray_address": "local", "workers": 1}),
              ("Ray, 2 workers", {"ray_address": "local", "workers": 2})]
     for label, options in modes * 2:
-        stats = run(tempfile.mkdtemp(), spec, DEMO_BUNDLE, **options)
+        stats = run_shard(tempfile.mkdtemp(), spec, DEMO_BUNDLE, **options)
         overhead = (stats.wall_s * stats.workers - stats.compute_s) / len(stats.generated)
         print(f"{label:16s} {spec.num_images / stats.wall_s:6.2f} images/s  wall {stats.wall_s:6.2f} s  "
               f"scheduling overhead {overhead * 1e3:6.1f} ms/chunk", flush=True)

@@ -1,45 +1,54 @@
-"""Chunk files of a sampling run (see `sample.py`): writing, reading and verifying them, and the locks that let one
-process alone write each chunk.
+"""Chunks of a sample run (see `runs.py`): making one, writing, reading and verifying its file, and the claims
+that let one process alone write each chunk.
 
     chunks/chunk_000012.npz     chunk 12: indices, labels, tokens, images, the run id and a sha256 checksum
-    chunks/chunk_000012.lock    flock held by the process producing chunk 12 (two processes never both write it)
+    chunks/chunk_000012.lock    lock held by the process producing chunk 12 (two processes never both write it)
 
-Every file is written to a unique temporary name and renamed into place; the npz files are written with fixed zip
-timestamps, so equal runs give byte-identical files.
+Files are written through `files.py` (a unique temporary name, then a rename); the npz files are written with
+fixed zip timestamps, so equal runs give byte-identical files.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import MaskbitError
-
-if TYPE_CHECKING:
-    from .sample import RunSpec
+from .files import FileLock, atomic_write_bytes, remove_temporaries
+from .run_spec import RunSpec, bundle_facts
 
 CHUNK_DIR = "chunks"
 CHUNK_KEYS = ("indices", "labels", "tokens", "images")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class ChunkError(MaskbitError, RuntimeError):
     """A chunk file that should be complete is missing or fails verification."""
 
 
-# -- chunks ----------------------------------------------------------------------------------------------------
+# -- making a chunk --------------------------------------------------------------------------------------------
+def load_run_pipeline(bundle: str | Path, spec: RunSpec, backend: str = "ort", **options):
+    """The Pipeline of `bundle`, refused unless it is the bundle the run was started with."""
+    from .manifest import Manifest
+    from .pipeline import Pipeline
+    spec.check_bundle(bundle_facts(Manifest.load(bundle)), str(bundle))
+    return Pipeline.load(bundle, backend=backend, **options)
+
+
+def generate_chunk(pipe, spec: RunSpec, chunk: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens int64 [n,h,w] and images uint8 [n,H,W,3] of one chunk, with the run's settings (not the bundle's)."""
+    span = spec.chunk_range(chunk)
+    out = pipe.generate([int(x) for x in spec.labels[span.start:span.stop]], seed=spec.seed, first_index=span.start,
+                        batch_size=batch_size, **spec.sampling.to_dict())
+    return out.tokens, out.images
+
+
+# -- chunk files -----------------------------------------------------------------------------------------------
 def chunk_path(out: str | Path, chunk: int) -> Path:
     return Path(out) / CHUNK_DIR / f"chunk_{chunk:06d}.npz"
 
@@ -53,15 +62,12 @@ def write_chunk(out: str | Path, spec: RunSpec, chunk: int, tokens: np.ndarray, 
         raise ChunkError(f"chunk {chunk}: generated {bad}")
     arrays["run_id"] = np.asarray(spec.run_id)
     arrays["checksum"] = np.asarray(checksum(spec.run_id, arrays))
-    path = chunk_path(out, chunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, array in arrays.items():
             with zf.open(zip_info(name), "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, array, allow_pickle=False)
-    atomic_write(path, buffer.getvalue())
-    return path
+    return atomic_write_bytes(chunk_path(out, chunk), buffer.getvalue())
 
 
 def read_chunk(out: str | Path, spec: RunSpec, chunk: int) -> dict[str, np.ndarray]:
@@ -100,35 +106,19 @@ def chunk_problem(out: str | Path, spec: RunSpec, chunk: int) -> str | None:
     return None
 
 
-class Claim:
-    """An exclusive flock on one chunk's lock file: its holder alone may write that chunk."""
-
-    def __init__(self, fd: int):
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)          # closing the descriptor drops the lock
-            self._fd = None
-
-
-def try_claim(out: str | Path, chunk: int, blocking: bool = False) -> Claim | None:
+# -- claims ----------------------------------------------------------------------------------------------------
+def try_claim(out: str | Path, chunk: int, blocking: bool = False) -> FileLock | None:
     """Lock chunk `chunk` for writing (None when another process holds it and `blocking` is False); temporary
-    files a killed writer left behind are removed once the lock is held."""
+    files a killed writer left behind are removed once the lock is held. The caller calls `release()`."""
     path = chunk_path(out, chunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-        os.close(fd)
+    claim = FileLock(path.with_suffix(".lock"))
+    if not claim.acquire(blocking):
         return None
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    return Claim(fd)
+    remove_temporaries(path)
+    return claim
 
 
-def claims(out: str | Path, spec: RunSpec, chunks: Sequence[int]) -> Iterator[tuple[int, Claim]]:
+def claims(out: str | Path, spec: RunSpec, chunks: Sequence[int]) -> Iterator[tuple[int, FileLock]]:
     """The chunks still to make, each claimed. Chunks another process is making are left for last, then waited
     for; chunks found complete once claimed are skipped. The caller releases each claim."""
     deferred = []
@@ -143,8 +133,7 @@ def claims(out: str | Path, spec: RunSpec, chunks: Sequence[int]) -> Iterator[tu
                 yield chunk, claim
 
 
-
-# -- files -----------------------------------------------------------------------------------------------------
+# -- file contents ---------------------------------------------------------------------------------------------
 def shape_problem(spec: RunSpec, n: int, arrays: Mapping[str, np.ndarray]) -> str | None:
     expected = {"indices": ((n,), np.int64), "labels": ((n,), np.int64),
                 "tokens": ((n, *spec.token_shape), np.int64), "images": ((n, *spec.image_shape), np.uint8)}
@@ -168,33 +157,3 @@ def zip_info(name: str) -> zipfile.ZipInfo:
     info.compress_type = zipfile.ZIP_STORED
     info.external_attr = 0o644 << 16
     return info
-
-
-def mkstemp(path: Path) -> tuple[int, str]:
-    """A unique temporary file next to `path`, with the permissions a plain open() would give (not 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)
-    return fd, tmp
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = mkstemp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def flock(path: Path):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

@@ -12,7 +12,7 @@ import numpy as np
 from .cli_common import (DEMO_BUNDLE, backend_option, batch_option, bundle_option, one_line_errors,  # noqa: F401
                          open_pipeline, sampling_options)
 from .errors import InputError
-from .sample_cli import sample
+from .runs_cli import sample_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +20,7 @@ def main():
     """Run MaskBit bundles without PyTorch: generate images, encode, decode and reconstruct."""
 
 
-main.add_command(sample)
+main.add_command(sample_command)
 
 
 @main.command()

@@ -20,8 +20,9 @@ from click.testing import CliRunner
 from maskbit_runtime import Pipeline
 from maskbit_runtime.cli import DEMO_BUNDLE, main
 from maskbit_runtime.manifest import Manifest
-from maskbit_runtime.sample import (RunMismatchError, chunk_path, make_spec, read_chunk, run, try_claim,
-                                    write_chunk)
+from maskbit_runtime.chunks import chunk_path, read_chunk, try_claim, write_chunk
+from maskbit_runtime.run_spec import RunMismatchError, make_spec
+from maskbit_runtime.runs import run_shard
 
 
 
@@ -41,7 +42,7 @@ def demo_spec(**changes):
 
 def make_reference(folder: Path) -> bytes:
     """The single-process run everything else must reproduce byte for byte."""
-    stats = run(folder, demo_spec(), DEMO_BUNDLE)
+    stats = run_shard(folder, demo_spec(), DEMO_BUNDLE)
     assert stats.samples and sorted(stats.generated) == list(range(8))
     return (folder / "samples.npz").read_bytes()
 
@@ -113,7 +114,7 @@ def test_a_killed_run_resumes_without_redoing_complete_chunks(reference, tmp_pat
     assert proc.wait(30) == -signal.SIGKILL, proc.stderr.read().decode()
     done = {int(p.stem[6:]): (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "chunks").glob("*.npz")}
     assert 2 <= len(done) < 8 and not (tmp_path / "samples.npz").exists()
-    stats = run(tmp_path, demo_spec(), DEMO_BUNDLE)
+    stats = run_shard(tmp_path, demo_spec(), DEMO_BUNDLE)
     assert stats.kept == len(done) and sorted(stats.generated) == sorted(set(range(8)) - set(done))
     for chunk, before in done.items():
         path = chunk_path(tmp_path, chunk)
@@ -134,7 +135,7 @@ def test_corrupted_chunks_are_detected_and_redone(reference, tmp_path):
     np.savez(chunk_path(folder, 2), **arrays)
     chunk_path(folder, 3).write_bytes(chunk_path(folder, 3).read_bytes()[:1000])   # truncated
     (folder / "chunks" / ".chunk_000003.npz.dead.tmp").write_bytes(b"left by a killed writer of chunk 3")
-    stats = run(folder, spec, DEMO_BUNDLE)
+    stats = run_shard(folder, spec, DEMO_BUNDLE)
     assert sorted(stats.redone) == [1, 2, 3] and sorted(stats.generated) == [1, 2, 3] and stats.kept == 5
     assert "checksum" in stats.redone[2] and "unreadable" in stats.redone[3]
     assert (folder / "samples.npz").read_bytes() == reference[1]
@@ -146,7 +147,7 @@ def test_a_chunk_locked_by_another_process_is_not_written_twice(reference, tmp_p
     held = try_claim(tmp_path, 0)                # "another process" is making chunk 0
     assert held is not None and try_claim(tmp_path, 0) is None
     box = {}
-    worker = threading.Thread(target=lambda: box.update(stats=run(tmp_path, spec, DEMO_BUNDLE)))
+    worker = threading.Thread(target=lambda: box.update(stats=run_shard(tmp_path, spec, DEMO_BUNDLE)))
     worker.start()
     deadline = time.monotonic() + 60
     while len(list((tmp_path / "chunks").glob("*.npz"))) < 7 and time.monotonic() < deadline:
@@ -182,7 +183,7 @@ def test_another_run_in_the_folder_is_refused_naming_the_difference(reference, t
     line = one_line_error(invoke("--out", folder, "--bundle", bundle, *RUN_ARGS))
     assert "bundle differs: decoder sha256" in line
     with pytest.raises(RunMismatchError, match="seed differs"):
-        run(folder, demo_spec(seed=9), DEMO_BUNDLE)
+        run_shard(folder, demo_spec(seed=9), DEMO_BUNDLE)
     assert (folder / "samples.npz").read_bytes() == reference[1]      # nothing was touched
 
 
@@ -213,8 +214,8 @@ def test_an_unreachable_ray_address_is_one_line_and_fast(tmp_path):
     assert "expected host:port" in one_line_error(invoke("--out", tmp_path, *RUN_ARGS, "--ray", "nowhere"))
 
 
-def test_the_sample_module_imports_neither_ray_nor_torch():
-    code = ("import sys, maskbit_runtime.sample, maskbit_runtime.cli  # cli registers sample_cli\n"
+def test_the_run_modules_import_neither_ray_nor_torch():
+    code = ("import sys, maskbit_runtime.runs, maskbit_runtime.cli  # cli registers runs_cli\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'ray'))\n"
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from test_sample import RUN_ARGS, demo_spec, make_reference
 
 from maskbit_runtime.cli import DEMO_BUNDLE, main
-from maskbit_runtime.sample import run
+from maskbit_runtime.runs import run_shard
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'maskbit[distributed]')")
 
@@ -48,7 +48,7 @@ def test_a_killed_actor_loses_and_duplicates_nothing(local_ray, reference, tmp_p
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
-    stats = run(tmp_path, demo_spec(), DEMO_BUNDLE, ray_address="local", workers=2,
+    stats = run_shard(tmp_path, demo_spec(), DEMO_BUNDLE, ray_address="local", workers=2,
                 on_workers=pids.extend, on_chunk=after_chunk)
     assert killed and stats.retried >= 1, stats
     assert sorted(stats.generated) == list(range(8))          # each chunk written exactly once
@@ -63,10 +63,11 @@ def test_a_worker_that_cannot_load_the_bundle_is_one_line(local_ray, tmp_path):
     missing = tmp_path / "gone"
     spec = demo_spec()
     with pytest.raises(Exception, match="Ray worker could not start: .*gone") as info:
-        from maskbit_runtime.distributed import run_ray
-        from maskbit_runtime.sample import Stats, open_run
+        from maskbit_runtime.run_spec import RunStats
+        from maskbit_runtime.runs import open_run
+        from maskbit_runtime.runs_ray import run_on_ray
         open_run(tmp_path / "out", spec)
-        run_ray(tmp_path / "out", spec, [0], missing, Stats(), workers=1)
+        run_on_ray(tmp_path / "out", spec, [0], missing, RunStats(), workers=1)
     assert len(str(info.value).splitlines()) == 1
 
 

@@ -1,4 +1,4 @@
-"""`maskbit-run sample`: many images, sharded, resumable, on Ray if asked; the library is `maskbit_runtime.sample`."""
+"""`maskbit-run sample`: many images, sharded, resumable, on Ray if asked; the library is `maskbit_runtime.runs`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .cli_common import DEMO_BUNDLE, backend_option, batch_option, bundle_option
 from .errors import InputError
 
 
-@click.command()
+@click.command("sample")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: run.json, chunks/, then samples.npz (and png/ with --png).")
 @bundle_option
@@ -35,7 +35,7 @@ from .errors import InputError
 @click.option("--png", is_flag=True, help="Also write png/NNNNNN_class.png for every image.")
 @backend_option
 @one_line_errors
-def sample(out, bundle, per_class, classes, labels, num_steps, guidance_scale, seed, batch_size, chunk_size,
+def sample_command(out, bundle, per_class, classes, labels, num_steps, guidance_scale, seed, batch_size, chunk_size,
            shard, ray_address, workers, gpus_per_worker, png, backend):
     """Generate many images (for example 50 per class) in chunks, resumably, into samples.npz (ADM format).
 
@@ -43,7 +43,7 @@ def sample(out, bundle, per_class, classes, labels, num_steps, guidance_scale, s
     alone resumes or merges the run recorded in DIR (after --shard jobs, for example)."""
     from tqdm import tqdm
 
-    from .sample import run
+    from .runs import run_shard
     shard_spec = parse_shard(shard) if shard is not None else None
     spec, bundle_path = _spec(out, bundle, per_class, classes, labels, num_steps, guidance_scale, seed, chunk_size)
     bars = []          # images/s and ETA, shown only when there is work
@@ -52,7 +52,7 @@ def sample(out, bundle, per_class, classes, labels, num_steps, guidance_scale, s
         if n:
             bars.append(tqdm(total=n, desc="sampling", unit="img", file=sys.stderr, dynamic_ncols=True))
     try:
-        stats = run(out, spec, bundle_path, shard=shard_spec, batch_size=batch_size, backend=backend,
+        stats = run_shard(out, spec, bundle_path, shard=shard_spec, batch_size=batch_size, backend=backend,
                     ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker, png=png,
                     on_chunk=lambda n: bars[0].update(n), on_plan=plan,
                     on_workers=lambda pids: bars[0].reset(total=bars[0].total))   # rate without Ray's start-up
@@ -75,7 +75,8 @@ def sample(out, bundle, per_class, classes, labels, num_steps, guidance_scale, s
 def _spec(out, bundle, per_class, classes, labels, num_steps, guidance_scale, seed, chunk_size):
     """The run asked for on the command line, or the one recorded in `out` when no labels are given."""
     from .manifest import Manifest
-    from .sample import DEFAULT_CHUNK_SIZE, bundle_facts, load_run, make_spec
+    from .run_spec import DEFAULT_CHUNK_SIZE, bundle_facts, make_spec
+    from .runs import load_run
     if per_class is None and labels is None:
         if classes is not None:
             raise InputError("--classes needs --per-class K")
@@ -85,8 +86,8 @@ def _spec(out, bundle, per_class, classes, labels, num_steps, guidance_scale, se
             if value is not None and value != getattr(spec, key):
                 raise InputError(f"{out} holds a run with {key} {getattr(spec, key)}, not {value}")
         for key, value in {"num_steps": num_steps, "guidance_scale": guidance_scale}.items():
-            if value is not None and value != spec.sampling.get(key):
-                raise InputError(f"{out} holds a run with {key} {spec.sampling.get(key)}, not {value}")
+            if value is not None and value != getattr(spec.sampling, key):
+                raise InputError(f"{out} holds a run with {key} {getattr(spec.sampling, key)}, not {value}")
         return spec, bundle or Path(spec.bundle_path)
     if per_class is not None and labels is not None:
         raise InputError("give --per-class K (with --classes) or --labels, not both")

@@ -1,7 +1,7 @@
-"""Ray as the distributed engine of `maskbit-run sample --ray`; imported only when Ray is asked for.
+"""Ray as the distributed engine of sample runs (`maskbit-run sample --ray`); imported only when Ray is asked for.
 
 One actor per worker holds a loaded Pipeline; every chunk is one actor task that returns the chunk's tokens and
-images, and this process (the driver) alone writes chunk files, each under its flock claim. A task whose actor
+images, and this process (the driver) alone writes chunk files, each under its claim. A task whose actor
 died (process killed, node lost) is handed to another actor and the dead actor is replaced; chunks are written
 only from completed results, by chunk index, so no image is lost or written twice.
 """
@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import InputError, MaskbitError, require
-from .sample import RunSpec, Stats, claims, generate_chunk, load_pipeline, write_chunk
+from .chunks import claims, generate_chunk, load_run_pipeline, write_chunk
+from .run_spec import RunSpec, RunStats
 
 TASKS_PER_WORKER = 2          # one running, one queued: an actor never waits for the driver between chunks
 
@@ -31,13 +32,13 @@ def require_ray():
     return require("ray", "distributed", "maskbit-run sample --ray")
 
 
-class SampleWorker:
+class ChunkWorker:
     """A Ray actor: one Pipeline, loaded once, making whole chunks."""
 
     def __init__(self, bundle: str, spec_json: dict, backend: str, threads: int | None):
         self.spec = RunSpec.from_json(spec_json, "run spec")
         options = {"threads": threads} if threads and backend == "ort" else {}
-        self.pipe = load_pipeline(bundle, self.spec, backend, **options)
+        self.pipe = load_run_pipeline(bundle, self.spec, backend, **options)
 
     def pid(self) -> int:
         return os.getpid()
@@ -93,11 +94,11 @@ def default_workers(ray, gpus_per_worker: float) -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
-def run_ray(out: str | Path, spec: RunSpec, todo: list[int], bundle: str | Path, stats: Stats, *,
-            backend: str = "ort", batch_size: int | None = None, address: str | None = None,
-            workers: int | None = None, gpus_per_worker: float = 0, replacements: int | None = None,
-            on_chunk: Callable[[int], None] | None = None,
-            on_workers: Callable[[list[int]], None] | None = None) -> None:
+def run_on_ray(out: str | Path, spec: RunSpec, todo: list[int], bundle: str | Path, stats: RunStats, *,
+               backend: str = "ort", batch_size: int | None = None, address: str | None = None,
+               workers: int | None = None, gpus_per_worker: float = 0, replacements: int | None = None,
+               on_chunk: Callable[[int], None] | None = None,
+               on_workers: Callable[[list[int]], None] | None = None) -> None:
     """Make chunks `todo` on a pool of Ray actors; `replacements` bounds how many dead actors are replaced."""
     ray = require_ray()
     started = connect(address)
@@ -127,7 +128,7 @@ class _Pool:
         self.ray = ray
         self.spec = spec
         cpus = 0 if gpus else 1
-        self.make = lambda: ray.remote(SampleWorker).options(
+        self.make = lambda: ray.remote(ChunkWorker).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(
             bundle, spec.to_json(), backend, None if gpus else 1)
         self.actors = [self.make() for _ in range(workers)]
@@ -140,7 +141,7 @@ class _Pool:
         except self.ray.exceptions.RayError as exc:
             raise RayError(f"a Ray worker could not start: {_cause(exc)}") from None
 
-    def drive(self, out, pending, batch_size, stats: Stats, on_chunk, replacements: int) -> None:
+    def drive(self, out, pending, batch_size, stats: RunStats, on_chunk, replacements: int) -> None:
         retry = deque()            # (chunk, claim, slot it failed on)
 
         def fill():
