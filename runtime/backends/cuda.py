@@ -47,6 +47,18 @@ def check(result, call: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def native_handle(handle) -> int:
+    """The address a cuda-python handle wraps, as an int: `cuda.bindings.utils.get_cuda_native_handle` (int() on
+    handles is deprecated since cuda-bindings 13), int() on older cuda-python and on plain integers."""
+    if isinstance(handle, int):
+        return handle
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(handle)
+    return get_cuda_native_handle(handle)
+
+
 def _text(value) -> str:
     return value.decode(errors="replace").rstrip("\x00") if isinstance(value, bytes) else str(value)
 
@@ -72,7 +84,7 @@ class Stream:
         cudart = import_cudart()
         check(cudart.cudaSetDevice(device), "cudaSetDevice")
         self._stream = check(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.handle = int(self._stream)
+        self.handle = native_handle(self._stream)
 
     def synchronize(self) -> None:
         check(import_cudart().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
