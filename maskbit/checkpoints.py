@@ -11,7 +11,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig
 from maskbit_runtime.errors import MaskbitError
+from maskbit_runtime.files import atomic_output
 
 FORMAT = "maskbit/1"
 HUB_PREFIX = "hf://"
@@ -200,14 +200,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: ModelConf
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": FORMAT, "kind": kind, "config": config.to_json()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "kind": kind, "config": config.to_json()})
     return path
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from .cli_common import (DEMO_BUNDLE, backend_option, batch_option, bundle_option, one_line_errors,  # noqa: F401
                          open_pipeline, sampling_options)
 from .errors import InputError
+from .files import atomic_file
 from .runs_cli import sample_command
 
 
@@ -154,15 +155,5 @@ def _load_images(paths, pipe) -> np.ndarray:
 
 
 def _save_npy(array: np.ndarray, out: Path) -> None:
-    """Write through a unique temporary file in the target directory, removed if anything fails."""
-    import os
-    import tempfile
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as f:
+        np.save(f, array)

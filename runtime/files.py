@@ -40,6 +40,10 @@ class LockBusyError(MaskbitError, RuntimeError):
     """Another holder has the lock and the caller asked not to wait."""
 
 
+class StrictJsonError(MaskbitError, ValueError):
+    """A value JSON cannot hold (NaN, infinity) was to be written."""
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -104,8 +108,11 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1, sort_keys: bool = True) -> Path:
-    """Strict JSON (NaN and infinity are refused with ValueError before anything is written), newline-terminated."""
-    text = json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=False)
+    """Strict JSON, newline-terminated: NaN and infinity are refused (StrictJsonError) before anything is written."""
+    try:
+        text = json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=False)
+    except ValueError as exc:
+        raise StrictJsonError(f"cannot write {path}: {exc} (JSON has no NaN or infinity)") from None
     return atomic_write_text(path, text + "\n")
 
 

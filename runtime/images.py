@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
-import tempfile
 import unicodedata
 import warnings
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, MissingDependencyError
+from .files import atomic_file
 
 MAX_PIXELS = 8192 * 8192      # width x height of one input image; larger files are refused before decoding
 BACKGROUND = (255, 255, 255)  # what transparent pixels become
@@ -140,20 +139,11 @@ def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) 
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write a PNG through a uniquely named temporary file in the target directory, then rename it into place:
-    concurrent writers never share a temporary file, and a failed write leaves nothing behind."""
+    """Write a PNG atomically (`files.atomic_file`: a unique temporary file, then a rename)."""
     Image = _pil()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
+    return Path(path)
 
 
 def _image_suffixes() -> set[str]:

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from maskbit_runtime.files import (FileLock, LockBusyError, atomic_directory, atomic_file, atomic_output,
-                                   atomic_write_bytes, atomic_write_json, atomic_write_text, exclusive_lock,
-                                   remove_temporaries)
+from maskbit_runtime.files import (FileLock, LockBusyError, StrictJsonError, atomic_directory, atomic_file,
+                                   atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                                   exclusive_lock, remove_temporaries)
 
 WRITES = 40
 
@@ -107,7 +107,7 @@ def test_strict_json_refuses_nan_and_leaves_nothing(tmp_path):
     target = tmp_path / "r.json"
     atomic_write_json(target, {"fid": 1.5})
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError):
+        with pytest.raises(StrictJsonError, match="r.json"):
             atomic_write_json(target, {"fid": bad})
     assert json.loads(target.read_text()) == {"fid": 1.5}
     assert _leftovers(tmp_path, {"r.json"}) == []

@@ -4,13 +4,13 @@ evaluation and bundle comparison. Thin: parse, call one library function, print 
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 
 import click
 
 from maskbit_runtime.cli import DEMO_BUNDLE, one_line_errors
+from maskbit_runtime.files import atomic_write_json
 
 features_option = click.option("--features", type=click.Choice(["inception", "demo", "pixels"]), default="inception",
                                show_default=True,
@@ -35,9 +35,7 @@ def _progress(total: int, desc: str):
 def _write_json(report: dict, out: Path | None) -> None:
     if out is None:
         return
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(out)
+    atomic_write_json(out, report, indent=2, sort_keys=False)
     click.echo(f"wrote {out}")
 
 

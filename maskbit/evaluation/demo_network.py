@@ -24,6 +24,7 @@ from torch import nn
 
 from maskbit.demo_data import DEMO_CLASSES, demo_crops
 from maskbit_runtime.errors import InputError
+from maskbit_runtime.files import atomic_output
 
 DEMO_NETWORK_FILE = Path(__file__).resolve().parents[1] / "demo" / "feature_network.safetensors"
 NETWORK_NAME = "demo-crop-classifier"
@@ -131,11 +132,8 @@ def train_demo_network(out: str | Path, held_out_per_class: int = 64, **recipe) 
     metadata = {"network": NETWORK_NAME, "classes": ",".join(DEMO_CLASSES), "train_seed": str(CLASSIFIER_TRAIN_SEED),
                 "held_out_seed": str(HELD_OUT_SEED), "held_out_images": str(held_out_per_class * len(DEMO_CLASSES)),
                 "held_out_accuracy": f"{held_out.accuracy:.6f}", **{k: str(v) for k, v in recipe.items()}}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial), metadata=metadata)
-    partial.replace(out)
+    with atomic_output(out) as partial:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial), metadata=metadata)
     return metadata
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from maskbit_runtime.errors import InputError, require
+from maskbit_runtime.files import atomic_output
 
 PRC_NEIGHBORHOOD = 3            # k of Kynkaanniemi et al.
 KID_SUBSETS = 100
@@ -49,7 +50,7 @@ class FeatureStats:
         return int(self.mu.shape[0])
 
     def save(self, path: str | Path, keep_features: bool = True) -> Path:
-        """Write an `.npz` (mu, sigma, count, network, features): written to a temporary name, then renamed."""
+        """Write an `.npz` (mu, sigma, count, network, features) atomically (a unique temporary name, then renamed)."""
         path = Path(path)
         if path.suffix != ".npz":
             raise InputError(f"statistics files end in .npz, got {path}")
@@ -57,9 +58,8 @@ class FeatureStats:
                   "network": np.str_(self.network or "")}
         if keep_features and self.features is not None:
             arrays["features"] = self.features.astype(np.float32)
-        partial = path.with_name(f".{path.stem}.partial.npz")
-        np.savez(partial, **arrays)
-        partial.replace(path)
+        with atomic_output(path) as partial:
+            np.savez(partial, **arrays)
         return path
 
     @classmethod

@@ -1,10 +1,10 @@
 """Training checkpoints: `step-NNNNNNNN/` folders with safetensors for weights and `state.pt` for the rest.
 
-A folder is written under a unique temporary name (removed again if writing fails) and renamed with os.replace,
-so a killed run leaves either a complete checkpoint or none; only the newest `keep` are kept. Resuming takes the
-newest checkpoint that reads back completely and reports the ones it had to pass over. `state.pt` holds plain
-containers and tensors only (optimisers, schedulers, RNG states, data position, step) and loads with
-`torch.load(weights_only=True)`.
+A folder is written under a unique temporary name (removed again if writing fails) and renamed into place
+(`maskbit_runtime.files.atomic_directory`), so a killed run leaves either a complete checkpoint or none; only the
+newest `keep` are kept. Resuming takes the newest checkpoint that reads back completely and reports the ones it had
+to pass over. `state.pt` holds plain containers and tensors only (optimisers, schedulers, RNG states, data
+position, step) and loads with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import os
 import pickle
 import random
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from maskbit_runtime.errors import MaskbitError
+from maskbit_runtime.files import atomic_directory, atomic_write_json
 
 PREFIX = "step-"
 
@@ -66,19 +66,12 @@ def save(root: str | os.PathLike, step: int, weights: dict[str, dict[str, torch.
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:08d}-", dir=root))
-    try:
+    with atomic_directory(final, replace=True) as tmp:
         for name, tensors in weights.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                       str(tmp / f"{name}.safetensors"))
         torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / "meta.json", {**meta, "step": step})
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

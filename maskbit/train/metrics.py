@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from maskbit_runtime.files import atomic_write_text
 
 
 def psnr(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -82,14 +82,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write("".join(line + "\n" for line in kept))
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._writer = None

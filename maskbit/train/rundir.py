@@ -9,12 +9,11 @@ its resumption, so a run can be extended; everything else must match.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from maskbit_runtime.errors import MaskbitError
+from maskbit_runtime.files import atomic_write_json
 
 from .checkpointing import checkpoint_dirs
 from .settings import SETTING_PATHS
@@ -88,12 +87,4 @@ def read_run_file(out: Path) -> dict | None:
 
 
 def write_run_file(out: Path, run: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_FILE}.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(run, f, indent=1, sort_keys=True)
-        os.replace(tmp, out / RUN_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(Path(out) / RUN_FILE, run)
