@@ -8,6 +8,14 @@ arrays (pinned memory) are asynchronous and downloads wait once, and `cuda_graph
 package call and its copies) once per ping-pong parity and replays it: as with TensorRT, a staged step's rows are
 first copied on the device into fixed tensors, which the graph reads.
 
+Graph replay needs packages loaded with `run_single_threaded=True` (PyTorch PR #148601): the default, threaded
+runtime queries a CUDA event before each call, which capture forbids. Host waits are counted for every generation,
+whoever makes them (`describe()["host_syncs"]` says how): this backend's own (the download's stream
+synchronization, pageable uploads, staging still in flight) and the package runtime's, read from
+torch/csrc/inductor/aoti_runtime (model_container.h): the first call of each loaded package folds its constants
+and waits for them, and a threaded package on CUDA waits for its previous call before each call unless that has
+finished, which `WaitCounter` sees with an event recorded after each call and queried before the next.
+
 Packages are tied to the PyTorch version that compiled them and to their device (cpu or cuda); the manifest's
 record of both is compared with this process before any package is loaded. This backend is torch-based, so it
 lives here, with the exporter, rather than in `maskbit_runtime`, which never imports torch: `open_backend("aoti")`
@@ -32,6 +40,13 @@ REBUILD = "rebuild with maskbit-export build-engines --backend aoti"
 RUNTIME_COMPONENTS = DEFAULT_COMPONENTS      # what the runtime executes (the transformer serves studies)
 COMPONENT_KEY = "maskbit_component"     # package metadata written by maskbit_export.aoti
 GRAPHED = ("step", "step_unguided")     # the components replayed as CUDA graphs
+CPU_SYNCS = "none: on the CPU nothing runs asynchronously"
+CUDA_SYNCS = ("the host's waits per generation: the download's stream synchronization, an upload from pageable "
+              "memory, a staging buffer whose last copy is still in flight, the first call of each loaded package "
+              "(its runtime folds constants and waits for them){threaded}")
+THREADED_SYNCS = (", and each call of a threaded package (loaded without run_single_threaded: no CUDA graphs) "
+                  "whose previous call had not finished when it began (the runtime waits for it; seen with an "
+                  "event recorded after each call and queried before the next)")
 
 
 def import_torch():
@@ -80,6 +95,7 @@ class AotiPrimitives:
         self.manifest = manifest
         self.device = torch.device(device)
         self.cuda_graphs = bool(cuda_graphs) and device == "cuda"
+        self.single_threaded = self.cuda_graphs        # capture forbids the threaded runtime's event queries
         self.transfers = Transfers()
         self._packages: dict[str, Any] = {}
         self._staging: dict[int, Staging] = {}
@@ -92,7 +108,8 @@ class AotiPrimitives:
             path = self.manifest.file(component, "package")        # confined and hash-checked first
             try:
                 runner = self.torch._inductor.aoti_load_package(
-                    str(path), device_index=(self.device.index or 0) if self.device.type == "cuda" else -1)
+                    str(path), run_single_threaded=self.single_threaded,
+                    device_index=(self.device.index or 0) if self.device.type == "cuda" else -1)
             except Exception as exc:  # the loader raises RuntimeError with a C++ message
                 raise BackendError(f"AOTInductor cannot load {path.name}: {str(exc).splitlines()[0]}; "
                                    f"{REBUILD}") from None
@@ -100,6 +117,8 @@ class AotiPrimitives:
             if found != component:
                 raise BackendError(f"{path.name} holds component {found!r}, not {component!r}; the file does not "
                                    f"belong to this bundle")
+            if self.device.type == "cuda":
+                runner = WaitCounter(runner, self.transfers, None if self.single_threaded else self.torch.cuda.Event)
             self._packages[component] = runner
         return self._packages[component]
 
@@ -185,8 +204,11 @@ class AotiPrimitives:
 
     def describe(self) -> dict:
         torch = self.torch
+        cuda = self.device.type == "cuda"
         info = {"backend": self.name, "torch": torch.__version__, "device": str(self.device),
-                "cuda_graphs": self.cuda_graphs,
+                "cuda_graphs": self.cuda_graphs, "run_single_threaded": self.single_threaded,
+                "host_syncs": CUDA_SYNCS.format(threaded="" if self.single_threaded else THREADED_SYNCS) if cuda
+                else CPU_SYNCS,
                 "packages": {k: v.package for k, v in self.manifest.components.items() if v.package}}
         if self.device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(self.device)
@@ -223,6 +245,33 @@ class Staging:
             return False
         self.event.synchronize()
         return True
+
+
+class WaitCounter:
+    """A CUDA package's runner that counts the waits its runtime makes on the host (model_container.h): the first
+    call folds the constants and waits for them; a threaded runner (`event` given: a CUDA event class) then waits
+    before each call for its previous call unless that has finished. An event recorded just after each call and
+    queried just before the next tells whether it had; single-threaded runners make no other waits."""
+
+    def __init__(self, runner, transfers: Transfers, event=None):
+        self.runner = runner
+        self.transfers = transfers
+        self.event = event
+        self.finished = None            # the event recorded after the last call
+        self.calls = 0
+
+    def __call__(self, *inputs):
+        if self.calls == 0 or (self.finished is not None and not self.finished.query()):
+            self.transfers.host_syncs += 1
+        self.calls += 1
+        results = self.runner(*inputs)
+        if self.event is not None:
+            self.finished = self.finished or self.event()
+            self.finished.record()
+        return results
+
+    def get_metadata(self) -> dict:
+        return self.runner.get_metadata()
 
 
 class Binding:

@@ -47,7 +47,8 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, sample: dict[str, np.nda
 
     Weights are embedded in the file unless they exceed EXTERNAL_DATA_BYTES (then they go to `<path>.data`)."""
     onnx = require_onnx()
-    args = tuple(torch.from_numpy(np.array(sample[t.name])) for t in spec.inputs)   # np.array keeps 0-d scalars 0-d
+    args = tuple(torch.from_numpy(np.array(sample[t.name])).to(next(module.parameters(), torch.empty(0)).device)
+                 for t in spec.inputs)     # on the module's device; np.array keeps 0-d scalars 0-d
     weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     log = io.StringIO()
     try:

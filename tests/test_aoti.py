@@ -8,23 +8,25 @@ On a machine with a CUDA GPU the `gpu` tests compile for cuda and compare with e
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from maskbit_export.aoti import build_aoti
+from maskbit_export.aoti_backend import COMPONENT_KEY, AotiPrimitives, WaitCounter
 from maskbit_export.bundle import ExportOptions, build_bundle
 from maskbit_export.cli import main as export_cli
 from maskbit_export.tolerances import tolerance
 from maskbit_export.verify import _gate_plan, distribution_report
 from maskbit_runtime import Pipeline
 from maskbit_runtime.backends import BackendError
+from maskbit_runtime.backends.base import Transfers
 from maskbit_runtime.cli import main as run_cli
 from maskbit_runtime.manifest import MANIFEST, BundleError, Manifest, sha256_file
 from PIL import Image
@@ -81,6 +83,7 @@ def test_generation_equals_eager_token_for_token(bundle, models):
     with Pipeline.load(bundle, backend="aoti") as pipe:       # max batch 2: batches of 2 and 1
         out = pipe.generate(labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)
         assert pipe.info()["runtime"]["backend"] == "aoti"
+        assert pipe.info()["runtime"]["host_syncs"].startswith("none: on the CPU")
     np.testing.assert_array_equal(out.tokens, eager.tokens)
     diff = np.abs(out.images.astype(int) - eager.images.astype(int))
     assert out.images.dtype == np.uint8 and diff.max() <= 1 and (diff > 0).mean() < 0.01
@@ -214,20 +217,77 @@ def test_bf16_bundle_generates_valid_tokens(models, tmp_path):
     assert out.tokens.min() >= 0 and out.tokens.max() < tok.config.codebook_size
 
 
+class RecordedLoads:
+    """A stand-in of torch._inductor.aoti_load_package (same signature) that records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, path, run_single_threaded=False, device_index=-1):
+        self.calls.append({"run_single_threaded": run_single_threaded, "device_index": device_index})
+        component = path.rsplit("/", 1)[-1].removesuffix(".pt2")
+        return types.SimpleNamespace(get_metadata=lambda: {COMPONENT_KEY: component})
+
+
+def _cuda_manifest(root):
+    """A stand-in manifest whose step has a package compiled for cuda by this torch."""
+    entry = types.SimpleNamespace(package="step.pt2", torch_version=torch.__version__, package_device="cuda")
+    return types.SimpleNamespace(root=root, components={"step": entry}, file=lambda name, key: root / f"{name}.pt2")
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_packages_replayed_in_cuda_graphs_load_single_threaded(monkeypatch, tmp_path, cuda_graphs):
+    """PR #148601: the threaded runtime queries a CUDA event inside capture, so graphed packages must load with
+    run_single_threaded=True; without graphs the runtime's own waits are counted and info says so."""
+    loads = RecordedLoads()
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", loads)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
+    primitives = AotiPrimitives(_cuda_manifest(tmp_path), device="cuda", cuda_graphs=cuda_graphs)
+    runner = primitives.package("step")
+    assert loads.calls == [{"run_single_threaded": cuda_graphs, "device_index": 0}]
+    assert isinstance(runner, WaitCounter) and (runner.event is None) == cuda_graphs
+    info = primitives.describe()
+    assert info["run_single_threaded"] == cuda_graphs and info["host_syncs"].startswith("the host's waits")
+    assert ("threaded package" in info["host_syncs"]) != cuda_graphs
+
+
+class ScriptedEvent:
+    """A stand-in of torch.cuda.Event whose query() answers from a script (True: the recorded work finished)."""
+    answers: list = []
+
+    def record(self):
+        pass
+
+    def query(self):
+        return self.answers.pop(0)
+
+
+@pytest.mark.parametrize("threaded, answers, expected", [
+    (True, [False, True, False], 3),         # constant folding, then the calls whose previous one was pending
+    (False, [], 1),                          # single-threaded: only the constant folding of the first call
+])
+def test_the_package_runtimes_own_host_waits_are_counted(monkeypatch, threaded, answers, expected):
+    monkeypatch.setattr(ScriptedEvent, "answers", list(answers))
+    transfers, calls = Transfers(), []
+    counter = WaitCounter(lambda *inputs: calls.append(inputs), transfers, ScriptedEvent if threaded else None)
+    for i in range(4):
+        counter(i)
+    assert calls == [(0,), (1,), (2,), (3,)] and transfers.host_syncs == expected and not ScriptedEvent.answers
+
+
 @pytest.fixture(scope="module")
-def cuda_bundle(models, tmp_path_factory):
-    tok, gen = models
-    root = tmp_path_factory.mktemp("aoti_cuda") / "b"
-    build_bundle(root, tok, gen, options=ExportOptions(max_batch=2, verify=False))
-    build_aoti(root, tok, gen, device="cuda")
-    return root
+def cuda_bundle(tmp_path_factory):
+    from aoti_cuda import cuda_bundle
+    return cuda_bundle(tmp_path_factory)[0]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_MISSING is not None, reason=GPU_MISSING or "")
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_cuda_packages_equal_eager_on_cuda(models, cuda_bundle, cuda_graphs):
-    tok, gen = (copy.deepcopy(m).cuda() for m in models)
+def test_cuda_packages_equal_eager_on_cuda(cuda_bundle, cuda_graphs):
+    from aoti_cuda import cuda_models
+    tok, gen = cuda_models()
     eager = maskbit.generate(tok, gen, labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)
     with Pipeline.load(cuda_bundle, backend="aoti", cuda_graphs=cuda_graphs) as pipe:
         assert pipe.info()["runtime"]["device"].startswith("cuda")

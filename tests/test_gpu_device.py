@@ -1,12 +1,18 @@
 """GPU tier: the real cudart under the TensorRT backend's buffers, rows, page-locked memory and CUDA graphs; a staged
 AOTInductor generation on CUDA; and eager PyTorch on CUDA against the CPU.
 
-All skip with a reason on a machine without a CUDA GPU (scripts/gpu_suite.sh runs them where there is one).
+The `gpu` tests skip with a reason on a machine without a CUDA GPU (scripts/gpu_suite.sh runs them where there is
+one). The CPU tier here catches what would break them first: ONNX sample inputs left on the CPU for a module on
+another device, and a stream address read with the int() that cuda-bindings 13 deprecates.
 """
+
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from maskbit_runtime.specs import COMPONENTS
+from torch import nn
 
 import maskbit
 
@@ -59,33 +65,78 @@ def test_rows_pinned_copies_and_graphs_on_the_real_cudart():
     stream.close()
 
 
+class RecordsInputDevices(nn.Module):
+    """A stand-in component on `device` that records its inputs' devices and fails, as CUDA would, on a mismatch."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, device=device))
+        self.seen = []
+
+    def forward(self, *inputs):
+        self.seen = [t.device for t in inputs]
+        if any(d != self.weight.device for d in self.seen):
+            raise RuntimeError(f"Expected all tensors to be on the same device, found {self.seen}")
+        return tuple(self.weight + t.float() for t in inputs)
+
+
+class StopExport(Exception):
+    pass
+
+
+def test_onnx_sample_inputs_follow_the_module_to_its_device(monkeypatch, tmp_path):
+    """benchmarks/gpu_throughput.py exports modules already on CUDA: the sample inputs must be on their device
+    (here the meta device, which has no memory and runs anywhere)."""
+    from maskbit_export import onnx_export
+
+    def export(module, args, path, **kwargs):
+        module(*args)
+        raise StopExport("the module ran")
+    monkeypatch.setattr(torch.onnx, "export", export)
+    module, spec = RecordsInputDevices("meta"), COMPONENTS["decoder"]
+    sample = {t.name: np.zeros([2 if isinstance(d, str) else d for d in t.shape], t.dtype) for t in spec.inputs}
+    with pytest.raises(onnx_export.ExportError, match="StopExport: the module ran"):
+        onnx_export.export_onnx(module, spec, sample, tmp_path / "decoder.onnx")
+    assert module.seen == [torch.device("meta")] * len(spec.inputs)
+
+
+def test_stream_addresses_are_read_without_the_deprecated_int():
+    bindings = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+    from maskbit_runtime.backends.cuda import native_handle
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native_handle(bindings.cudaStream_t(4096)) == 4096 and native_handle(7) == 7
+
+
 @pytest.fixture(scope="module")
 def aoti_cuda(tmp_path_factory):
-    """A tiny bundle with AOTInductor packages compiled for cuda, and its models on the GPU."""
-    from maskbit_export.aoti import build_aoti
-    from maskbit_export.bundle import ExportOptions, build_bundle
-    torch.manual_seed(0)
-    tok, gen = maskbit.build_tokenizer("tiny_lfq10"), maskbit.build_generator("tiny_lfq10")
-    root = tmp_path_factory.mktemp("aoti_cuda") / "b"
-    build_bundle(root, tok, gen, options=ExportOptions(max_batch=4, verify=False))
-    build_aoti(root, tok, gen, device="cuda")
-    return root, tok.cuda(), gen.cuda()
+    """The tiny bundle with AOTInductor packages compiled for cuda (once per session), and its models on the GPU."""
+    from aoti_cuda import cuda_bundle, cuda_models
+    return (cuda_bundle(tmp_path_factory)[0], *cuda_models())
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_MISSING is not None, reason=str(GPU_MISSING))
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_aoti_cuda_generation_uploads_once_and_syncs_once(aoti_cuda, cuda_graphs):
+def test_aoti_cuda_generation_uploads_once_and_counts_every_host_wait(aoti_cuda, cuda_graphs):
+    """7 uploads and 2 downloads per generation; host waits: the download's, plus one per package on its first
+    call (the runtime folds constants and waits), plus, threaded (no graphs), up to one per repeated step call."""
     from maskbit_runtime import Pipeline
-    from maskbit_runtime.backends.base import Transfers
     root, tok, gen = aoti_cuda
     eager = maskbit.generate(tok, gen, labels=[1, 7, 3], num_steps=6, guidance_scale=3.0, seed=11)
     with Pipeline.load(root, backend="aoti", cuda_graphs=cuda_graphs) as pipe:
+        packages, loaded = pipe.backend.primitives._packages, 0
         for steps in (6, 6, 9):
             out = pipe.generate(labels=[1, 7, 3], num_steps=steps, guidance_scale=3.0, seed=11)
-            assert pipe.last_transfers == Transfers(7, 2, 5 * steps if cuda_graphs else 0, 1), steps
+            moved = pipe.last_transfers
+            first_calls, loaded = len(packages) - loaded, len(packages)
+            assert (moved.host_to_device, moved.device_to_host) == (7, 2), steps
+            assert moved.device_to_device == (5 * steps if cuda_graphs else 0), steps
+            runtime_waits = moved.host_syncs - 1 - first_calls
+            assert (runtime_waits == 0) if cuda_graphs else (0 <= runtime_waits <= steps - 1), (steps, moved)
             if steps == 6:
                 np.testing.assert_array_equal(out.tokens, eager.tokens)
+        assert pipe.info()["runtime"]["run_single_threaded"] == cuda_graphs
 
 
 @pytest.mark.gpu
