@@ -48,8 +48,19 @@ def _gpu_missing() -> str | None:
     return None
 
 
+def _ort_cuda_missing() -> str | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed"
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        return "needs onnxruntime-gpu with CUDAExecutionProvider and a CUDA GPU (pip install 'maskbit[gpu]')"
+    return None
+
+
 TRT_MISSING = _tensorrt_missing()
 GPU_MISSING = _gpu_missing()
+ORT_CUDA_MISSING = _ort_cuda_missing()       # decided before any fixture exports a bundle
 
 
 @pytest.fixture(scope="module")
@@ -257,11 +268,9 @@ class TestTensorRT:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(ORT_CUDA_MISSING is not None, reason=str(ORT_CUDA_MISSING))
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_onnx_runtime_cuda_generation_matches_eager_tokens(cli_run, eager, cuda_graphs):
-    ort = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
-        pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider and a CUDA GPU (pip install 'maskbit[gpu]')")
     out, _ = cli_run
     with Pipeline.load(out, backend="ort", providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
                        provider_options={"CUDAExecutionProvider": {"use_tf32": "0"}},      # exact fp32
@@ -323,11 +332,10 @@ def test_reduced_precision_engines_pass_the_distribution_gate(models, tmp_path, 
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(ORT_CUDA_MISSING is not None, reason=str(ORT_CUDA_MISSING))
 def test_onnx_runtime_cuda_with_tf32_passes_the_distribution_gate(models, tmp_path):
     """ONNX Runtime's CUDA provider runs TF32 by default: held to the gate on the fp32 transformer graph."""
-    ort = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
-        pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider and a CUDA GPU (pip install 'maskbit[gpu]')")
+    import onnxruntime as ort
     from maskbit_export.verify import session_logits
     out, result = _export(models, tmp_path, "--with-transformer")
     assert result.exit_code == 0, result.output
