@@ -68,13 +68,21 @@ def network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
+def graph_precision(engine_precision: str) -> str:
+    """The precision of the generator graphs a strongly typed engine of `engine_precision` is built from (it computes
+    in its graphs' types): fp16 / bf16 engines from fp16 / bf16 graphs, fp32 and tf32 engines from fp32 graphs.
+    The one statement of this rule: the export job checks options with it, `component_precisions` a bundle."""
+    if engine_precision not in PRECISIONS:
+        raise InputError(f"engine precision {engine_precision!r} is not supported; expected one of "
+                         f"{', '.join(PRECISIONS)}")
+    return engine_precision if engine_precision in ("fp16", "bf16") else "fp32"
+
+
 def component_precisions(manifest: Manifest, precision: str) -> dict[str, str]:
     """The engine precision of every component for a build at `precision`, after checking that the bundle's graphs
     carry it (a strongly typed engine computes in its graph's types); InputError, naming the fix, otherwise."""
-    if precision not in PRECISIONS:
-        raise InputError(f"engine precision {precision!r} is not supported; expected one of {', '.join(PRECISIONS)}")
-    reduced = precision in ("fp16", "bf16")
-    wanted, out = (precision if reduced else "fp32"), {}
+    wanted, out = graph_precision(precision), {}
+    reduced = wanted != "fp32"
     for name, entry in manifest.components.items():
         carries = name in GENERATOR_COMPONENTS
         needed = wanted if carries else "fp32"

@@ -186,19 +186,6 @@ def test_engines_of_another_precision_than_the_graphs_are_refused_first(bundle, 
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--backend", "tensorrt", "--engine-precision", "fp16", "--precision", "fp32"],
-     "--engine-precision fp16 builds from fp16 graphs; drop --precision fp32 or pass --precision fp16"),
-    (["--backend", "tensorrt", "--precision", "int8"],
-     "--engine-precision fp32 builds from fp32 graphs; drop --precision int8"),
-])
-def test_the_cli_refuses_graph_and_engine_precisions_that_do_not_fit_before_exporting(tmp_path, args, message):
-    result = CliRunner().invoke(export_cli, ["build-engines", "--tokenizer", str(tmp_path / "missing.safetensors"),
-                                             "--out", str(tmp_path / "b"), *args])
-    assert result.exit_code == 2 and message in result.output
-    assert not (tmp_path / "b").exists()
-
-
 def test_the_timing_cache_is_kept_beside_the_bundle_and_reused(bundle, fake):
     cache = bundle / trt_export.TIMING_CACHE
     cache.unlink(missing_ok=True)
@@ -219,14 +206,6 @@ def test_a_foreign_or_corrupt_timing_cache_is_replaced(bundle, fake, content):
     assert all(b.cache.data == b"" for b in fake.builds)
     assert any("ignoring tensorrt.timing-cache" in m for m in messages)
     assert cache.read_bytes() == b"|timed"
-
-
-def test_opt_batch_above_max_batch_is_refused_before_exporting(tmp_path):
-    result = CliRunner().invoke(export_cli, [
-        "build-engines", "--tokenizer", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "b"),
-        "--max-batch", "4", "--opt-batch", "8"])
-    assert result.exit_code != 0 and "--opt-batch 8 is larger than --max-batch 4" in result.output
-    assert not (tmp_path / "b").exists()
 
 
 def _attribute_chains() -> set[str]:
