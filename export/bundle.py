@@ -1,9 +1,9 @@
 """Build a bundle: export every component, verify it, write the manifest, and only then make it visible.
 
 Everything is written into a hidden temporary directory next to the target, whose manifest says
-`complete: false` until verification has passed; the directory is renamed into place at the end, so an
-interrupted build never leaves a bundle that loads. One export at a time may write a given `--out` (a lock
-next to it), and `force` replaces only a directory that is itself a bundle.
+`complete: false` until verification has passed; the directory is renamed into place at the end
+(`maskbit_runtime.files.atomic_directory`), so an interrupted build never leaves a bundle that loads. One export at
+a time may write a given `--out` (a lock next to it), and `force` replaces only a directory that is itself a bundle.
 """
 
 from __future__ import annotations
@@ -11,11 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,6 +19,7 @@ from pathlib import Path
 
 import torch
 from maskbit_runtime.errors import InputError
+from maskbit_runtime.files import FileLock, atomic_directory
 from maskbit_runtime.manifest import (FORMAT, MANIFEST, BatchProfile, ComponentEntry, Manifest, TensorEntry,
                                       check_class_names, sha256_file)
 from maskbit_runtime.specs import COMPONENTS, DEFAULT_COMPONENTS, OPTIONAL_COMPONENTS, ComponentSpec
@@ -115,9 +112,7 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
 
     with _exclusive(out):
         _check_target(out, force)
-        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_directory(out, replace=force) as tmp:
             components = {}
             for component in names:
                 progress(f"exporting {component}")
@@ -157,10 +152,6 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
                                                         if k != "transformer"})
                 (tmp / COMPONENTS["transformer"].file).unlink()
             manifest.replace(complete=True).write()
-            _swap_in(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return Manifest.load(out)
 
 
@@ -191,35 +182,13 @@ def _check_target(out: Path, force: bool) -> None:
                          f"nothing was changed")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished bundle into place; an old bundle (--force) is moved aside first, then removed."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on `.<name>.lock` next to `out` while building; a second writer fails at once."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.parent / f".{out.name}.lock"
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise InputError(f"another export is writing {out} right now; wait for it or choose another --out") \
-                from None
-        if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
-            break                            # still the lock file that is on disk (not one a finisher removed)
-        os.close(fd)
+    lock = FileLock(out.parent / f".{out.name}.lock")
+    if not lock.acquire(blocking=False):
+        raise InputError(f"another export is writing {out} right now; wait for it or choose another --out")
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)         # removed while held, so no one else holds this inode's lock
-        os.close(fd)
+        lock.release()

@@ -16,8 +16,9 @@ total variation of the sampling distributions from float32 0.064 with full range
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+
+from maskbit_runtime.files import atomic_output
 
 # graph order of the constant-weight matmuls: input_proj, 4 per layer, last_layer, prediction_layer
 KEEP_FIRST, KEEP_LAST = 1, 2
@@ -36,15 +37,14 @@ def quantize_int8(path: Path) -> dict:
 
     names = weight_matmuls(onnx.load(str(path), load_external_data=False))
     keep = names[:KEEP_FIRST] + names[-KEEP_LAST:]
-    tmp = path.with_name(path.name + ".int8")
     quant_logger = logging.getLogger()          # the quantizer logs every node at INFO on the root logger
     level = quant_logger.level
     quant_logger.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(str(path), str(tmp), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=keep, op_types_to_quantize=["MatMul"])
+        with atomic_output(path) as tmp:
+            quantize_dynamic(str(path), str(tmp), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=keep, op_types_to_quantize=["MatMul"])
     finally:
         quant_logger.setLevel(level)
-    os.replace(tmp, path)
     return {"method": "onnxruntime dynamic int8 (per-channel 7-bit weights)",
             "quantized_matmuls": len(names) - len(keep), "float32_matmuls": len(keep)}

@@ -224,7 +224,7 @@ def test_second_concurrent_export_to_one_out_fails_at_once(checkpoints, tmp_path
                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".B.partial-*")):               # made while the first holds .B.lock
+        while not list(tmp_path.glob(".B.*.partial")):               # made while the first holds .B.lock
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
         assert (tmp_path / ".B.lock").exists()
