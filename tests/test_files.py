@@ -177,3 +177,23 @@ def test_remove_temporaries_clears_what_a_killed_writer_left(tmp_path):
     removed = remove_temporaries(target)
     assert len(removed) == 3
     assert sorted(os.listdir(tmp_path)) == [".other.npz.abc.tmp"]
+
+
+# Writers still to move onto maskbit_runtime.files (the execution-model work owns these files); drop each entry
+# when its module is converted.
+NOT_YET_CONVERTED = {"runtime/manifest.py", "export/tensorrt.py", "export/aoti.py"}
+HAND_ROLLED = ("os.replace(", "os.rename(", "tempfile.mkstemp(", "tempfile.mkdtemp(", "fcntl.flock(", ".partial")
+
+
+def test_no_writer_hand_rolls_an_atomic_write_or_a_lock():
+    root = Path(__file__).resolve().parents[1]
+    found = {}
+    for folder in ("runtime", "maskbit", "export"):
+        for path in sorted((root / folder).rglob("*.py")):
+            name = path.relative_to(root).as_posix()
+            if name == "runtime/files.py":
+                continue
+            hits = [pattern for pattern in HAND_ROLLED if pattern in path.read_text()]
+            if hits:
+                found[name] = hits
+    assert set(found) <= NOT_YET_CONVERTED, {k: v for k, v in found.items() if k not in NOT_YET_CONVERTED}
