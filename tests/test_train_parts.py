@@ -12,10 +12,11 @@ import torch
 from train_support import make_photo_folder
 
 from maskbit.config import ConfigError
+from maskbit.image_quality import psnr, ssim, ssim_map
 from maskbit.presets import get_preset, resolve_config
 from maskbit.train.data import BatchStream, DataError, ImageSource, Preprocess, scan
 from maskbit.train.discriminator import BlurBlock, Discriminator
-from maskbit.train.metrics import codebook_stats, masked_group_stats, psnr, ssim, ssim_map
+from maskbit.train.metrics import codebook_stats, masked_group_stats
 from maskbit.train.settings import build_settings, split_overrides
 
 SPEC = Path("/work/shared/reference/MASKBIT_SPEC.md")
@@ -73,6 +74,48 @@ def test_ssim_matches_scikit_image_in_the_interior():
     ours = ssim_map(x, y)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(ours[5:-5, 5:-5], full[5:-5, 5:-5], atol=1e-6)
     assert ssim(x, x).item() == pytest.approx(1.0)
+
+
+def test_training_logs_the_psnr_and_ssim_maskbit_eval_reports(tmp_path):
+    """One definition (maskbit.image_quality): the tokenizer stage's evaluation and `maskbit-eval reconstruction`
+    give the same PSNR and SSIM for the same originals and reconstructions (training sees them as float32 in
+    [0, 1], evaluation as uint8, so they agree to float32 rounding)."""
+    from types import SimpleNamespace
+
+    import skimage.data
+
+    from maskbit.evaluation.images import open_images
+    from maskbit.evaluation.reconstruction import evaluate_reconstruction
+    from maskbit.train.loop_tokenizer import TokenizerStage
+
+    rng = np.random.default_rng(0)
+    photo = skimage.data.astronaut()
+    originals = np.stack([photo[r:r + 32, c:c + 32] for r, c in rng.integers(0, 480, (12, 2))])   # (12, 32, 32, 3)
+    recons = np.clip(originals + rng.normal(0, 12, originals.shape), 0, 255).astype(np.uint8)
+    to_float = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255     # what the data loader gives
+
+    batches = [(to_float(originals[i:i + 5]), None) for i in range(0, 12, 5)]
+    served = iter(to_float(recons[i:i + 5]) for i in range(0, 12, 5))
+    model = lambda images: (next(served), SimpleNamespace(indices=torch.zeros(len(images), 4, dtype=torch.long)))
+    stage = TokenizerStage(resolve_config("tiny_lfq10"), None, None, SimpleNamespace(device=torch.device("cpu")))
+    logged = stage.evaluate(model, batches)
+
+    class Pipe:                                   # a bundle whose tokenizer reconstructs `recons`
+        manifest = SimpleNamespace(dims=SimpleNamespace(image_size=32), codebook_size=4)
+        done = 0
+
+        def encode(self, batch, batch_size):
+            self.done += len(batch)
+            return np.arange(self.done - len(batch), self.done).reshape(-1, 1, 1) % 4
+
+        def decode(self, tokens, batch_size):
+            return recons[self.done - len(tokens):self.done]
+
+    np.savez(tmp_path / "originals.npz", arr_0=originals)
+    reported = evaluate_reconstruction(Pipe(), open_images(tmp_path / "originals.npz"), batch_size=4)
+    assert 10 < reported["psnr"] < 40 and 0.2 < reported["ssim"] < 0.99
+    assert logged["psnr"] == pytest.approx(reported["psnr"], abs=1e-5)
+    assert logged["ssim"] == pytest.approx(reported["ssim"], abs=1e-6)
 
 
 def test_codebook_and_masked_stats():

@@ -1,4 +1,5 @@
-"""Tokenizer reconstruction quality: PSNR, SSIM (scikit-image), rFID and codebook usage, from a bundle.
+"""Tokenizer reconstruction quality: PSNR, SSIM (`maskbit.image_quality`, as training logs them), rFID and codebook
+usage, from a bundle.
 
 `evaluate_reconstruction(bundle, images)` encodes and decodes every image with the bundle's ONNX tokenizer in
 batches (memory stays bounded), so it measures exactly what `maskbit-run reconstruct` produces.
@@ -11,18 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from maskbit_runtime.errors import InputError, require
+from maskbit_runtime.errors import InputError
 
+from .. import image_quality
 from .images import ImageSet
 from .metrics import FeatureStats, frechet_distance
 
 
 def psnr_per_image(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
-    """PSNR in dB of each uint8 image pair (MASKBIT_SPEC 7.1: 10 log10(1 / (MSE + 1e-10)) on [0,1])."""
-    a = original.astype(np.float64) / 255.0
-    b = reconstruction.astype(np.float64) / 255.0
-    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
-    return 10 * np.log10(1.0 / (mse + 1e-10))
+    """PSNR in dB of each uint8 image pair [B,H,W,3] (`maskbit.image_quality.psnr`)."""
+    return image_quality.psnr(image_quality.from_uint8(original), image_quality.from_uint8(reconstruction)).numpy()
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -30,11 +29,12 @@ def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
     return float(psnr_per_image(original, reconstruction).mean())
 
 
-def ssim_per_image(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
-    """SSIM of each uint8 RGB pair by scikit-image (7x7 window, data range 255, mean over channels)."""
-    metrics = require("skimage.metrics", "eval", "SSIM")
-    return np.array([metrics.structural_similarity(a, b, channel_axis=-1, data_range=255)
-                     for a, b in zip(original, reconstruction)])
+def ssim_per_image(original: np.ndarray, reconstruction: np.ndarray, chunk: int = 8) -> np.ndarray:
+    """SSIM of each uint8 image pair [B,H,W,3] (`maskbit.image_quality.ssim`: 11x11 Gaussian, the official
+    evaluation's), `chunk` images at a time to bound memory."""
+    return np.concatenate([image_quality.ssim(image_quality.from_uint8(original[i:i + chunk]),
+                                              image_quality.from_uint8(reconstruction[i:i + chunk])).numpy()
+                           for i in range(0, len(original), chunk)] or [np.zeros(0)])
 
 
 def codebook_usage(counts: np.ndarray) -> dict:

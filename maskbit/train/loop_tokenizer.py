@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from .. import save_tokenizer
+from ..image_quality import psnr, ssim
 from ..tokenizer import Tokenizer
 from . import distributed
 from .losses import TokenizerLoss
-from .metrics import codebook_stats, psnr, ssim
+from .metrics import codebook_stats
 from .perceptual import PerceptualLoss
 from .runner import RunOptions, Stage, TrainResult, run
 from .schedule import make_scheduler

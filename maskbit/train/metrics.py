@@ -1,6 +1,6 @@
-"""Evaluation metrics (MASKBIT_SPEC 7.1) and the JSON-lines metrics log.
+"""Training metrics (MASKBIT_SPEC 7.1) and the JSON-lines metrics log.
 
-PSNR and SSIM take images in [0, 1] (clamped here), [B,3,H,W], and average per-image values.
+PSNR and SSIM are `maskbit.image_quality`'s, the same functions `maskbit-eval reconstruction` reports.
 """
 
 from __future__ import annotations
@@ -13,42 +13,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from maskbit_runtime.files import atomic_write_text
-
-
-def psnr(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Per-image 10*log10(1 / (MSE + 1e-10)) in float64, shape [B]."""
-    x, y = images.double().clamp(0, 1), recon.double().clamp(0, 1)
-    mse = ((x - y) ** 2).flatten(1).mean(1)
-    return 10.0 * torch.log10(1.0 / (mse + 1e-10))
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]                                                   # (11, 11)
-
-
-def ssim_map(images: torch.Tensor, recon: torch.Tensor, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
-    """SSIM map [B,C,H,W]: 11x11 Gaussian (sigma 1.5), reflect padding 5, depthwise, data range 1."""
-    x, y = images.double().clamp(0, 1), recon.double().clamp(0, 1)
-    channels = x.shape[1]
-    window = _gaussian_window().to(x.device).expand(channels, 1, 11, 11)
-
-    def blur(t):
-        return F.conv2d(F.pad(t, [5, 5, 5, 5], mode="reflect"), window, groups=channels)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = k1 ** 2, k2 ** 2
-    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-
-
-def ssim(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Per-image mean SSIM, shape [B]."""
-    return ssim_map(images, recon).flatten(1).mean(1)
 
 
 def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
