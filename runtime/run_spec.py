@@ -47,7 +47,7 @@ class RunSpec:
 
     def __post_init__(self):
         if not isinstance(self.sampling, SamplingSettings):
-            raise InputError(f"a run's sampling settings are SamplingSettings, got {type(self.sampling).__name__}")
+            raise TypeError(f"a run's sampling settings are SamplingSettings, got {type(self.sampling).__name__}")
         object.__setattr__(self, "num_images", len(self.labels))
 
     @cached_property

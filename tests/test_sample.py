@@ -21,7 +21,9 @@ from maskbit_runtime import Pipeline
 from maskbit_runtime.cli import DEMO_BUNDLE, main
 from maskbit_runtime.manifest import Manifest
 from maskbit_runtime.chunks import chunk_path, read_chunk, try_claim, write_chunk
-from maskbit_runtime.run_spec import RunMismatchError, make_spec
+from maskbit_runtime.errors import InputError
+from maskbit_runtime.run_spec import RunMismatchError, RunSpec, make_spec
+from maskbit_runtime.sampling import SamplingError, SamplingSettings
 from maskbit_runtime.runs import run_shard
 
 
@@ -221,3 +223,17 @@ def test_the_run_modules_import_neither_ray_nor_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_run_description_holds_typed_settings_and_round_trips():
+    spec = demo_spec(guidance_scale=2)
+    assert isinstance(spec.sampling, SamplingSettings) and spec.sampling.guidance_scale == 2.0
+    again = RunSpec.from_json(json.loads(json.dumps(spec.to_json())), "run.json")
+    assert again == spec and again.run_id == spec.run_id and isinstance(again.sampling, SamplingSettings)
+    with pytest.raises(SamplingError, match="num_steps"):
+        demo_spec(num_steps=0)
+    with pytest.raises(SamplingError, match="unknown sampling setting"):
+        demo_spec(temperature=1.0)
+    damaged = {**spec.to_json(), "sampling": {**spec.sampling.to_dict(), "guidance_scale": "high"}}
+    with pytest.raises(InputError, match="guidance_scale must be a number"):
+        RunSpec.from_json(damaged, "run.json")
