@@ -121,3 +121,34 @@ def test_the_job_is_a_frozen_value_named_like_the_flags(tmp_path):
         job.max_batch = 2
     flags = {p.name for p in export_cli.commands["build-engines"].params}
     assert flags == {f.name for f in dataclasses.fields(ExportJob)}
+
+
+def test_run_keeps_the_onnx_bundle_when_the_package_build_fails(tmp_path, monkeypatch):
+    """The job exports, then hands the bundle to the package build with its own options; a failed build is one line
+    that says the ONNX bundle is complete."""
+    import maskbit
+    from maskbit_export import aoti
+    from maskbit_runtime.manifest import Manifest
+
+    preset = maskbit.get_preset("tiny_lfq10")
+    maskbit.save_tokenizer(maskbit.build_tokenizer("tiny_lfq10"), tmp_path / "tok.safetensors", preset)
+    maskbit.save_generator(maskbit.build_generator("tiny_lfq10"), tmp_path / "gen.safetensors", preset)
+    calls = []
+
+    def failing_build(out, tokenizer, generator, **kwargs):
+        assert callable(kwargs.pop("on_progress"))
+        calls.append((out, type(tokenizer).__name__, type(generator).__name__, kwargs))
+        raise aoti.AotiBuildError("AOTInductor could not compile step\nsecond line")
+
+    monkeypatch.setattr(aoti, "build_aoti", failing_build)
+    result = CliRunner().invoke(export_cli, [
+        "build-engines", "--tokenizer", str(tmp_path / "tok.safetensors"), "--generator",
+        str(tmp_path / "gen.safetensors"), "--out", str(tmp_path / "b"), "--max-batch", "2", "--no-verify",
+        "--backend", "aoti", "--engine-precision", "bf16"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (f"Error: AOTInductor could not compile step (the ONNX bundle "
+                                                      f"{tmp_path / 'b'} is complete and runs with the ort backend)")
+    assert calls == [(tmp_path / "b", "Tokenizer", "Generator", {"device": "cpu", "precision": "bf16",
+                                                                  "verify": False})]
+    manifest = Manifest.load(tmp_path / "b")
+    assert manifest.complete and manifest.components["step"].precision == "fp32"
