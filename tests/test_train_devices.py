@@ -33,7 +33,14 @@ GPU_MISSING = None if torch.cuda.is_available() else "PyTorch sees no CUDA GPU"
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
                                                pytest.mark.skipif(GPU_MISSING is not None, reason=str(GPU_MISSING))])]
 
-torch.set_num_threads(1)
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """This module's tiny training runs use one thread; the setting is restored after it, so the rest of the
+    pytest process (other modules, the GPU tier's compiles) keeps all its threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def gpu_training():
