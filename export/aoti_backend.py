@@ -32,14 +32,13 @@ import numpy as np
 from maskbit_runtime.backends.base import BackendError, Transfers
 from maskbit_runtime.errors import MissingDependencyError
 from maskbit_runtime.manifest import Manifest
-from maskbit_runtime.specs import COMPONENTS, DEFAULT_COMPONENTS
+from maskbit_runtime.specs import DEFAULT_COMPONENTS
 
 DEVICES = ("cpu", "cuda")
 PACKAGE_KEYS = ("package", "package_sha256", "package_precision", "package_device", "torch_version")
 REBUILD = "rebuild with maskbit-export build-engines --backend aoti"
 RUNTIME_COMPONENTS = DEFAULT_COMPONENTS      # what the runtime executes (the transformer serves studies)
 COMPONENT_KEY = "maskbit_component"     # package metadata written by maskbit_export.aoti
-GRAPHED = ("step", "step_unguided")     # the components replayed as CUDA graphs
 CPU_SYNCS = "none: on the CPU nothing runs asynchronously"
 CUDA_SYNCS = ("the host's waits per generation: the download's stream synchronization, an upload from pageable "
               "memory, a staging buffer whose last copy is still in flight, the first call of each loaded package "
@@ -100,7 +99,6 @@ class AotiPrimitives:
         self._packages: dict[str, Any] = {}
         self._staging: dict[int, Staging] = {}
         self._readback: dict[int, Staging] = {}
-        self._fixed: dict[tuple, Any] = {}            # where graphed steps read their rows
         self._graphs: dict[tuple, Any] = {}
 
     def package(self, component: str):
@@ -125,8 +123,18 @@ class AotiPrimitives:
     def allocate(self, shape: tuple[int, ...], dtype: str):
         return self.torch.empty(shape, dtype=getattr(self.torch, np.dtype(dtype).name), device=self.device)
 
-    def view(self, buffer, row: int, shape: tuple[int, ...]):
-        return buffer[row, :int(np.prod(shape))].view(shape)
+    def rows(self, buffer, start: int, count: int):
+        if buffer.dim() == 0 or not (start >= 0 and count >= 1 and start + count <= buffer.shape[0]):
+            raise ValueError(f"rows {start}..{start + count - 1} do not exist in a buffer of shape "
+                             f"{list(buffer.shape)}")
+        return buffer[start:start + count]
+
+    def copy(self, target, source) -> None:
+        if target.shape != source.shape or target.dtype != source.dtype:
+            raise ValueError(f"cannot copy {source.dtype} {list(source.shape)} into {target.dtype} "
+                             f"{list(target.shape)}")
+        target.copy_(source)                  # queued on the current stream, in order with the runs
+        self.transfers.device_to_device += 1
 
     def staging(self, buffer) -> np.ndarray:
         staging = self._staging_for(self._staging, buffer)
@@ -164,12 +172,12 @@ class AotiPrimitives:
         return table[id(buffer)]
 
     def bind(self, component: str, buffers: Mapping[str, Any]) -> Binding:
-        spec = COMPONENTS[component]
+        spec = self.manifest.spec(component)
         return Binding(component, self.package(component), [buffers[t.name] for t in spec.inputs],
                        [buffers[t.name] for t in spec.outputs])
 
     def run(self, binding: Binding) -> None:
-        if self.cuda_graphs and binding.component in GRAPHED:
+        if self.cuda_graphs and self.manifest.spec(binding.component).graphed:
             self._replay(binding)
         else:
             with self.torch.inference_mode():
@@ -177,8 +185,8 @@ class AotiPrimitives:
 
     def _replay(self, binding: Binding) -> None:
         torch = self.torch
-        inputs = [self._fixed_copy(binding.component, i, tensor) for i, tensor in enumerate(binding.inputs)]
-        key = (binding.component, *(t.data_ptr() for t in inputs + binding.outputs))
+        inputs = binding.inputs             # fixed addresses: each binding is made once and reused
+        key = (binding.component, *((t.data_ptr(), tuple(t.shape)) for t in inputs + binding.outputs))
         if key not in self._graphs:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -190,17 +198,6 @@ class AotiPrimitives:
                 binding.call(inputs)
             self._graphs[key] = graph
         self._graphs[key].replay()
-
-    def _fixed_copy(self, component: str, index: int, tensor):
-        """A row (a view into a stacked buffer), copied on the device into the fixed tensor a graph reads."""
-        if tensor._base is None:
-            return tensor
-        key = (component, index, tuple(tensor.shape))
-        if key not in self._fixed:
-            self._fixed[key] = self.torch.empty_like(tensor)
-        self._fixed[key].copy_(tensor)
-        self.transfers.device_to_device += 1
-        return self._fixed[key]
 
     def describe(self) -> dict:
         torch = self.torch
@@ -221,7 +218,6 @@ class AotiPrimitives:
         self._packages.clear()
         self._staging.clear()
         self._readback.clear()
-        self._fixed.clear()
 
 
 class Staging:

@@ -21,8 +21,8 @@ from maskbit.tokenizer import Tokenizer, images_to_uint8
 from .cast import CAST_PRECISIONS, CastGenerator
 
 # the graphs that carry a bundle's precision (int8: quantized matmuls; fp16/bf16: cast, see cast.py) and share the
-# generator's weights; the tokenizer's convolutions stay float32
-GENERATOR_COMPONENTS = ("step", "step_unguided", "transformer")
+# generator's weights (a role on their specs); the tokenizer's convolutions stay float32
+GENERATOR_COMPONENTS = specs.GENERATOR_PRECISION_COMPONENTS
 
 
 class EncoderGraph(nn.Module):
@@ -104,9 +104,12 @@ def sample_inputs(spec: ComponentSpec, dims: Dims, batch: int, seed: int, codebo
         specs.LABELS: lambda: rng.integers(0, num_classes, shape(specs.LABELS), dtype=np.int64),
         specs.DROP_LABEL_MASK: lambda: rng.random(shape(specs.DROP_LABEL_MASK)) < 0.5,
         specs.NOISE: lambda: StepNoise(seed, batch, dims.num_tokens, dims.num_groups).draw(),
-        specs.GUIDANCE_SCALE: lambda: np.array(rng.uniform(0.5, 4.0), dtype=np.float32),
-        specs.SOFTMAX_TEMPERATURE: lambda: np.array(rng.uniform(0.7, 1.3), dtype=np.float32),
-        specs.CONFIDENCE_NOISE_SCALE: lambda: np.array(rng.uniform(0.0, 5.0), dtype=np.float32),
-        specs.NUM_TO_MASK: lambda: np.array(dims.num_tokens * dims.num_groups // 4, dtype=np.int64),
+        # one setting per row, different between rows, as rows at different steps of different requests have
+        specs.GUIDANCE_SCALE: lambda: rng.uniform(0.5, 4.0, shape(specs.GUIDANCE_SCALE)).astype(np.float32),
+        specs.SOFTMAX_TEMPERATURE: lambda: rng.uniform(0.7, 1.3, shape(specs.SOFTMAX_TEMPERATURE)).astype(np.float32),
+        specs.CONFIDENCE_NOISE_SCALE: lambda: rng.uniform(0.0, 5.0, shape(specs.CONFIDENCE_NOISE_SCALE)
+                                                          ).astype(np.float32),
+        specs.NUM_TO_MASK: lambda: rng.integers(1, dims.num_tokens * dims.num_groups // 2 + 1,
+                                                shape(specs.NUM_TO_MASK), dtype=np.int64),
     }
     return {t.name: values[t.name]() for t in spec.inputs}

@@ -11,7 +11,7 @@ import torch
 from maskbit_runtime.errors import MaskbitError
 from maskbit_runtime.machine import cpu_info
 from maskbit_runtime.specs import (COMPONENTS, DROP_LABEL_MASK, LABELS, LOGITS, NEXT_TOKENS, NOISE, SAMPLED, STEP,
-                                   STEP_SCALARS, TOKENS, ComponentSpec, Dims)
+                                   STEP_SETTINGS, TOKENS, ComponentSpec, Dims)
 from maskbit_runtime.tokens import combine_groups
 from torch import nn
 
@@ -53,9 +53,10 @@ def compare(expected: np.ndarray, actual: np.ndarray, tol: dict[str, float]) -> 
 
 
 def step_feeds(tokens: np.ndarray, labels: np.ndarray, noise: np.ndarray, params) -> dict[str, np.ndarray]:
-    """The step's inputs by name: the state, labels and noise, and one plan entry's scalars in their dtypes."""
-    feeds = {TOKENS: tokens, LABELS: np.asarray(labels, dtype=np.int64), NOISE: noise}
-    feeds.update({n: np.array(getattr(params, n), dtype=STEP.input(n).dtype) for n in STEP_SCALARS})
+    """The step's inputs by name: the state, labels and noise, and one plan entry's settings for every row."""
+    labels = np.asarray(labels, dtype=np.int64)
+    feeds = {TOKENS: tokens, LABELS: labels, NOISE: noise}
+    feeds.update({n: np.full(len(labels), getattr(params, n), dtype=STEP.input(n).dtype) for n in STEP_SETTINGS})
     return feeds
 
 

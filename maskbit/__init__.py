@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from maskbit_runtime.loop import GenerationOutput
+from maskbit_runtime.generation import GenerationOutput
 
 from .checkpoints import (
     GENERATOR_RENAMES,

@@ -1,44 +1,22 @@
-"""Eager generation: the runtime's decode-loop driver (`maskbit_runtime.loop.sample`) over the step module."""
+"""Eager generation: the reference sampler, a plain loop over the step module.
+
+It uses the runtime's schedules (`SamplingSettings.plan`) and noise streams (`StepNoise`, image j seeded by
+(seed, first_index + j)), so the same seed gives the same tokens here and on every backend.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
-from maskbit_runtime.loop import GenerationOutput, check_labels, sample
+from maskbit_runtime.generation import GenerationOutput, check_labels
+from maskbit_runtime.noise import StepNoise
 from maskbit_runtime.sampling import SamplingSettings
-from maskbit_runtime.schedules import StepParams
 
 from .bits import combine_groups
 from .generator import Generator
 from .step import GenerationStep
 from .tokenizer import Tokenizer, images_to_uint8
-
-
-class EagerStepper:
-    """Keeps the token state as a torch tensor and runs the step module eagerly."""
-
-    def __init__(self, step: GenerationStep, device: torch.device):
-        self.module = step
-        self.device = device
-        self.tokens = self.sampled = self.labels = None
-
-    def start(self, labels: np.ndarray) -> None:
-        cfg = self.module.generator.config
-        self.labels = torch.as_tensor(labels, device=self.device)
-        shape = (len(labels), cfg.num_tokens, cfg.codebook_splits)
-        self.tokens = torch.full(shape, cfg.mask_token, dtype=torch.int64, device=self.device)
-
-    def step(self, noise: np.ndarray, params: StepParams) -> None:
-        scalar = lambda value, dtype=torch.float32: torch.tensor(value, dtype=dtype, device=self.device)
-        self.tokens, self.sampled = self.module(
-            self.tokens, self.labels, torch.from_numpy(noise).to(self.device), scalar(params.guidance_scale),
-            scalar(params.softmax_temperature), scalar(params.confidence_noise_scale),
-            scalar(params.num_to_mask, torch.int64))
-
-    def result(self) -> torch.Tensor:
-        return self.sampled
 
 
 def sampling_settings(generator: Generator, **overrides) -> SamplingSettings:
@@ -54,10 +32,19 @@ def generate_groups(generator: Generator, labels: Sequence[int], sampling: Sampl
     cfg = generator.config
     labels = check_labels(labels, cfg.num_classes)
     device = next(generator.parameters()).device
-    stepper = EagerStepper(GenerationStep(generator, guidance=sampling.uses_guidance).eval(), device)
-    (groups,) = sample(lambda batch: stepper, lambda result, batch: result, labels, sampling, seed, cfg.num_tokens,
-                       cfg.codebook_splits, len(labels), first_index, on_step)
-    return groups
+    step = GenerationStep(generator, guidance=sampling.uses_guidance).eval()
+    noise = StepNoise(seed, len(labels), cfg.num_tokens, cfg.codebook_splits, first_index)
+    B = len(labels)
+    tokens = torch.full((B, cfg.num_tokens, cfg.codebook_splits), cfg.mask_token, dtype=torch.int64, device=device)
+    labels = torch.as_tensor(labels, device=device)
+    row = lambda value, dtype=torch.float32: torch.full((B,), value, dtype=dtype, device=device)   # one per row
+    for i, params in enumerate(sampling.plan(cfg.num_tokens * cfg.codebook_splits)):
+        tokens, sampled = step(tokens, labels, torch.from_numpy(noise.draw()).to(device), row(params.guidance_scale),
+                               row(params.softmax_temperature), row(params.confidence_noise_scale),
+                               row(params.num_to_mask, torch.int64))
+        if on_step is not None:
+            on_step(i)
+    return sampled
 
 
 @torch.no_grad()

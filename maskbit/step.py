@@ -16,12 +16,17 @@ from .generator import Generator
 
 def guided_logits(generator: Generator, tokens: torch.Tensor, labels: torch.Tensor,
                   guidance_scale: torch.Tensor) -> torch.Tensor:
-    """cond + scale * (cond - uncond), from one forward over the doubled batch."""
+    """cond + scale * (cond - uncond), from one forward over the doubled batch; `guidance_scale` is [B] or []."""
     B = tokens.shape[0]
     drop = torch.cat([torch.zeros_like(labels, dtype=torch.bool), torch.ones_like(labels, dtype=torch.bool)])
     logits = generator(torch.cat([tokens, tokens]), torch.cat([labels, labels]), drop)   # (2B, N, M, C)
     cond, uncond = logits[:B], logits[B:]
-    return cond + guidance_scale * (cond - uncond)
+    return cond + per_row(guidance_scale, cond) * (cond - uncond)
+
+
+def per_row(setting: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A step setting ([B] one per row, or [] for the whole batch) shaped to broadcast against `like` [B, ...]."""
+    return setting.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def categorical_draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -37,19 +42,21 @@ def gumbel(uniform: torch.Tensor) -> torch.Tensor:
 
 
 def lowest_k_mask(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """True for exactly the k lowest entries of each row [B, G]; ties go to the lower position."""
+    """True for exactly the k lowest entries of each row [B, G] (k: [B] or []); ties go to the lower position."""
     G = confidence.shape[1]
     c_i, c_j = confidence[:, :, None], confidence[:, None, :]                    # (B, G, 1), (B, 1, G)
     position = torch.arange(G, device=confidence.device)
     earlier = position[None, :] < position[:, None]                               # (G, G): j before i
     beaten_by = (c_j < c_i) | ((c_j == c_i) & earlier)                            # (B, G, G)
     rank = beaten_by.long().sum(-1)                                               # (B, G)
-    return rank < k
+    return rank < per_row(k, rank)
 
 
 class GenerationStep(nn.Module):
     """(tokens, labels, noise, guidance_scale, softmax_temperature, confidence_noise_scale, num_to_mask)
-    -> (next_tokens, sampled). With `guidance=False` it runs the conditional model only and ignores the scale."""
+    -> (next_tokens, sampled). The four settings hold one value per row ([B]), so rows at different steps of
+    different generations share a call. With `guidance=False` it runs the conditional model only and ignores the
+    scale."""
 
     def __init__(self, generator: Generator, guidance: bool = True):
         super().__init__()
@@ -64,12 +71,12 @@ class GenerationStep(nn.Module):
             logits = guided_logits(self.generator, tokens, labels, guidance_scale)
         else:
             logits = self.generator(tokens, labels, torch.zeros_like(labels, dtype=torch.bool))
-        probs = torch.softmax(logits.float() / softmax_temperature, dim=-1)        # (B, N, M, C)
+        probs = torch.softmax(logits.float() / per_row(softmax_temperature, logits), dim=-1)   # (B, N, M, C)
         drawn = categorical_draw(probs, noise[..., 0])
         masked = tokens == self.mask_token
         sampled = torch.where(masked, drawn, tokens)                              # (B, N, M)
         p_drawn = torch.gather(probs, -1, sampled.clamp(max=self.mask_token - 1)[..., None])[..., 0]
-        confidence = torch.log(p_drawn) + gumbel(noise[..., 1]) * confidence_noise_scale
+        confidence = torch.log(p_drawn) + gumbel(noise[..., 1]) * per_row(confidence_noise_scale, p_drawn)
         confidence = torch.where(masked, confidence, torch.full_like(confidence, float("inf")))
         B = tokens.shape[0]
         remask = lowest_k_mask(confidence.reshape(B, -1), num_to_mask).view_as(tokens)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .errors import InputError, MaskbitError
-from .loop import GenerationOutput
+from .generation import GenerationOutput
 from .manifest import BundleError, Manifest
 from .pipeline import Pipeline
 from .sampling import SamplingSettings

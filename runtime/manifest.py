@@ -22,11 +22,13 @@ from typing import Any
 
 from .errors import MaskbitError
 from .sampling import SamplingError, SamplingSettings
-from .specs import BATCH, COMPONENTS, Dims
+from .specs import BATCH, ComponentSpec, Dims, components_for
 
 FORMAT = "maskbit-bundle"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)      # version 1 lacks `complete` and the unguided step; the runtime copes with both
+FORMAT_VERSION = 3
+# version 1 lacks `complete` and the unguided step; versions 1-2 take the step settings as scalars (one value per
+# batch, not per row); the runtime copes with all three
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_BITS = 24                   # released models use 10-18 bits
@@ -110,6 +112,7 @@ class Manifest:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     verification: Mapping[str, Any] = field(default_factory=lambda: {"performed": False})
     complete: bool = True                     # False while a build is still writing and verifying it
+    format_version: int = FORMAT_VERSION
     root: Path = field(default=Path("."), compare=False)
 
     # -- derived ---------------------------------------------------------------------------------------------
@@ -122,6 +125,11 @@ class Manifest:
             raise BundleError(f"bundle {self.root} has no {name} component "
                               f"(it has: {', '.join(sorted(self.components))})")
         return self.components[name]
+
+    def spec(self, component: str) -> ComponentSpec:
+        """The tensors of a component as this bundle's format declares them."""
+        self.component(component)
+        return components_for(self.format_version)[component]
 
     def max_batch(self, component: str) -> int:
         return self.component(component).batch_profile.max
@@ -170,7 +178,7 @@ class Manifest:
                 del entry[key]
             for tensor in entry["inputs"] + entry["outputs"]:
                 tensor["shape"] = list(tensor["shape"])
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
+        return {"format": FORMAT, **data}
 
     def write(self, root: str | Path | None = None) -> Path:
         """Write manifest.json through a unique temporary file, so a reader never sees half of it."""
@@ -268,7 +276,8 @@ def parse(data: Any, root: Path) -> Manifest:
     lookup_free = top.get("tokenizer_lookup_free", bool)
     codebook = top.get("codebook_size", int, low=2, high=1 << MAX_BITS)
     num_classes = top.get("num_classes", int, None, low=1, high=MAX_CLASSES)
-    components = {name: _component(top.sub("components").sub(name), name, dims)
+    specs = components_for(version)
+    components = {name: _component(top.sub("components").sub(name), name, dims, specs)
                   for name in top.get("components", dict)}
     try:
         sampling = SamplingSettings.from_dict(data["sampling"], f"{where}: sampling") if data.get("sampling") else None
@@ -280,13 +289,13 @@ def parse(data: Any, root: Path) -> Manifest:
         components=components, opset=top.get("opset", int, low=7, high=100), num_classes=num_classes,
         class_names=check_class_names(top.get("class_names", list, None), num_classes, where), sampling=sampling,
         provenance=top.get("provenance", dict, {}), verification=top.get("verification", dict, {}),
-        complete=top.get("complete", bool, True), root=root)
+        complete=top.get("complete", bool, True), format_version=version, root=root)
     _cross_check(manifest, where)
     return manifest
 
 
-def _component(reader: _Reader, name: str, dims: Dims) -> ComponentEntry:
-    spec = COMPONENTS.get(name)
+def _component(reader: _Reader, name: str, dims: Dims, specs: Mapping[str, ComponentSpec]) -> ComponentEntry:
+    spec = specs.get(name)
     if spec is None:
         raise BundleError(f"{reader.where}: unknown component {name!r}")
     tensors = {}

@@ -16,18 +16,38 @@ _BITS = 23
 _SCALE = np.float32(2.0 ** -_BITS)
 
 
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 63:
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+class ImageNoise:
+    """One image's stream of step noise (float32 [N, M, 2] per step), seeded by (seed, index)."""
+
+    def __init__(self, seed: int, index: int, shape: tuple[int, int, int]):
+        self.shape = shape
+        self._rng = np.random.Generator(np.random.PCG64([check_seed(seed), index]))
+
+    def draw(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The next step's noise, written into `out` (float32 of `shape`) when given."""
+        k = self._rng.integers(0, 1 << _BITS, size=self.shape, dtype=np.int64)
+        if out is None:
+            out = np.empty(self.shape, dtype=np.float32)
+        np.multiply(k.astype(np.float32) + np.float32(0.5), _SCALE, out=out)
+        return out
+
+
 class StepNoise:
     """Draws the step input `noise` (float32 [B, N, M, 2]) for images `first_index ... first_index + B - 1`."""
 
     def __init__(self, seed: int, batch_size: int, num_tokens: int, num_groups: int, first_index: int = 0):
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 63:
-            raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        check_seed(seed)
         self.shape = (num_tokens, num_groups, 2)
-        self._rngs = [np.random.Generator(np.random.PCG64([seed, first_index + b])) for b in range(batch_size)]
+        self._images = [ImageNoise(seed, first_index + b, self.shape) for b in range(batch_size)]
 
     def draw(self) -> np.ndarray:
-        out = np.empty((len(self._rngs), *self.shape), dtype=np.float32)
-        for b, rng in enumerate(self._rngs):
-            k = rng.integers(0, 1 << _BITS, size=self.shape, dtype=np.int64)
-            out[b] = (k.astype(np.float32) + np.float32(0.5)) * _SCALE
+        out = np.empty((len(self._images), *self.shape), dtype=np.float32)
+        for b, image in enumerate(self._images):
+            image.draw(out=out[b])
         return out

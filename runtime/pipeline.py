@@ -11,10 +11,12 @@ import numpy as np
 from .backends import Executor, open_backend
 from .backends.base import Transfers
 from .errors import InputError
-from .loop import GenerationOutput, check_labels, sample
+from .generation import GenerationOutput, check_labels
 from .machine import cpu_info
 from .manifest import BundleError, Manifest
+from .noise import check_seed
 from .sampling import SamplingSettings
+from .scheduler import ImageJob, Scheduler
 
 
 class Pipeline:
@@ -52,24 +54,23 @@ class Pipeline:
         """Generate one image per label; unset sampling settings (None) come from the bundle's manifest.
 
         Image j's noise stream is seeded by (seed, first_index + j), so a request split into parts with the
-        matching `first_index` gives the same images as one request. With a guidance scale of 0 only the
-        conditional half of the transformer runs (when the bundle has the unguided step). Each batch's per-step
-        inputs are uploaded once (see `backends.base.StagedStepper`); `last_transfers` counts the call's copies."""
+        matching `first_index` gives the same images as one request. The images run through the slot scheduler
+        (`maskbit_runtime.scheduler`), at most `batch_size` (default: the engine's max batch) at a time; with a
+        guidance scale of 0 only the conditional half of the transformer runs (when the bundle has the unguided
+        step). `on_step(i)` is called after each scheduler iteration; `last_transfers` counts the call's copies."""
         if not self.manifest.has_generator:
             raise BundleError(f"bundle {self.manifest.root} has no generator (it was built from a tokenizer alone)")
         if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
             raise InputError(f"first_index must be an integer >= 0, got {first_index!r}")
         labels = check_labels(labels, self.num_classes)
+        seed = check_seed(seed)
         settings = self.sampling.with_overrides(num_steps=num_steps, guidance_scale=guidance_scale, **sampling)
-        dims = self.manifest.dims
-        guided = settings.uses_guidance
+        jobs = [ImageJob(int(label), seed, first_index + j, settings) for j, label in enumerate(labels)]
         before = self.backend.transfers.copy()
-        parts = sample(lambda batch: self.backend.staged_stepper(batch, guided, on_step), self.backend.finish, labels,
-                       settings, seed, dims.num_tokens, dims.num_groups, self._batch_size(batch_size, "step"),
-                       first_index)
+        Scheduler(self.backend, self._batch_size(batch_size, "step")).run(jobs, on_step)
         self.last_transfers = self.backend.transfers - before
-        return GenerationOutput(images=np.concatenate([p[0] for p in parts]),
-                                tokens=np.concatenate([p[1] for p in parts]))
+        return GenerationOutput(images=np.stack([job.image for job in jobs]),
+                                tokens=np.stack([job.tokens for job in jobs]))
 
     def encode(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """uint8 [B,H,W,3] (or float [B,3,H,W] in [0,1]) -> int64 token indices [B,h,w]."""
@@ -122,7 +123,7 @@ class Pipeline:
 
     def info(self, measure_transfers: bool = False) -> dict:
         """The bundle, the backend and the machine; with `measure_transfers` (and a generator) also the copies and
-        host syncs of a generation on this backend, measured (see `transfer_counts`)."""
+        host syncs of a generation on this backend, as its primitives count them (see `transfer_counts`)."""
         m = self.manifest
         info = {"bundle": str(m.root), "name": m.name,
                 "components": {k: {"file": v.file, "precision": v.precision, "batch_profile": vars(v.batch_profile),
@@ -134,8 +135,9 @@ class Pipeline:
         return info
 
     def transfer_counts(self, steps: tuple[int, int] = (2, 3)) -> dict:
-        """Host<->device copies and host syncs of one generation on this backend, measured with one image at two
-        step counts: `fixed` is what a generation costs whatever its length, `per_step` what each step adds."""
+        """Host<->device copies and host syncs of one generation on this backend, counted by its primitives for one
+        image at two step counts: `fixed` is what a generation costs whatever its length, `per_step` what each
+        step adds. How each backend counts host syncs is in `describe()["host_syncs"]`."""
         short, long = (self._counted(n) for n in steps)
         per_step = Transfers(*(d // (steps[1] - steps[0]) for d in dataclasses.astuple(long - short)))
         fixed = short - Transfers(*(c * steps[0] for c in dataclasses.astuple(per_step)))
@@ -143,7 +145,7 @@ class Pipeline:
         if any(dataclasses.astuple(per_step)):
             text += f"; plus per step: {per_step.summary()}"
         return {"fixed": dataclasses.asdict(fixed), "per_step": dataclasses.asdict(per_step), "summary": text,
-                "measured": f"one image at {steps[0]} and {steps[1]} steps on this backend"}
+                "counted": f"by the backend's primitives, for one image at {steps[0]} and {steps[1]} steps"}
 
     def _counted(self, num_steps: int) -> Transfers:
         self.generate([0], num_steps=num_steps, seed=0)

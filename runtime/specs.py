@@ -49,10 +49,15 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ComponentSpec:
+    """A component's tensors and its roles; every subset of components (`components_where`) derives from these."""
+
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     needs_generator: bool
+    run_by_runtime: bool = True          # generation/encode/decode run it (else it serves verification and studies)
+    graphed: bool = False                # replayed as CUDA graphs where a backend can
+    generator_precision: bool = False    # carries the bundle's reduced precision (fp16/bf16/int8 weights)
 
     @property
     def file(self) -> str:
@@ -85,8 +90,8 @@ SOFTMAX_TEMPERATURE = "softmax_temperature"
 CONFIDENCE_NOISE_SCALE = "confidence_noise_scale"
 NUM_TO_MASK = "num_to_mask"
 
-# scalar step inputs, named like the fields of `maskbit_runtime.schedules.StepParams`
-STEP_SCALARS = (GUIDANCE_SCALE, SOFTMAX_TEMPERATURE, CONFIDENCE_NOISE_SCALE, NUM_TO_MASK)
+# the step's settings, one value per row (bundle format 3), named like the fields of `schedules.StepParams`
+STEP_SETTINGS = (GUIDANCE_SCALE, SOFTMAX_TEMPERATURE, CONFIDENCE_NOISE_SCALE, NUM_TO_MASK)
 
 
 def _t(name: str, dtype: str, *shape) -> TensorSpec:
@@ -105,24 +110,28 @@ DECODER = ComponentSpec(
     outputs=(_t(IMAGES, "uint8", BATCH, "H", "H", 3),),
     needs_generator=False)
 
-_STEP_INPUTS = (_t(TOKENS, "int64", BATCH, "N", "M"), _t(LABELS, "int64", BATCH),
-                _t(NOISE, "float32", BATCH, "N", "M", 2), _t(GUIDANCE_SCALE, "float32"),
-                _t(SOFTMAX_TEMPERATURE, "float32"), _t(CONFIDENCE_NOISE_SCALE, "float32"),
-                _t(NUM_TO_MASK, "int64"))
-_STEP_OUTPUTS = (_t(NEXT_TOKENS, "int64", BATCH, "N", "M"), _t(SAMPLED, "int64", BATCH, "N", "M"))
+def _step_inputs(setting_shape: tuple) -> tuple[TensorSpec, ...]:
+    return (_t(TOKENS, "int64", BATCH, "N", "M"), _t(LABELS, "int64", BATCH),
+            _t(NOISE, "float32", BATCH, "N", "M", 2), _t(GUIDANCE_SCALE, "float32", *setting_shape),
+            _t(SOFTMAX_TEMPERATURE, "float32", *setting_shape), _t(CONFIDENCE_NOISE_SCALE, "float32", *setting_shape),
+            _t(NUM_TO_MASK, "int64", *setting_shape))
 
-STEP = ComponentSpec("step", inputs=_STEP_INPUTS, outputs=_STEP_OUTPUTS, needs_generator=True)
+
+_STEP_OUTPUTS = (_t(NEXT_TOKENS, "int64", BATCH, "N", "M"), _t(SAMPLED, "int64", BATCH, "N", "M"))
+_STEP_ROLES = dict(needs_generator=True, graphed=True, generator_precision=True)
+
+STEP = ComponentSpec("step", inputs=_step_inputs((BATCH,)), outputs=_STEP_OUTPUTS, **_STEP_ROLES)
 
 # the same step without classifier-free guidance (the conditional half only): used when the guidance scale
 # is 0, so such generations do not pay for the unconditional forward; `guidance_scale` is accepted and ignored
-STEP_UNGUIDED = ComponentSpec("step_unguided", inputs=_STEP_INPUTS, outputs=_STEP_OUTPUTS, needs_generator=True)
+STEP_UNGUIDED = ComponentSpec("step_unguided", inputs=_step_inputs((BATCH,)), outputs=_STEP_OUTPUTS, **_STEP_ROLES)
 
 TRANSFORMER = ComponentSpec(
     "transformer",
     inputs=(_t(TOKENS, "int64", BATCH, "N", "M"), _t(LABELS, "int64", BATCH),
             _t(DROP_LABEL_MASK, "bool", BATCH)),
     outputs=(_t(LOGITS, "float32", BATCH, "N", "M", "C"),),
-    needs_generator=True)
+    needs_generator=True, run_by_runtime=False, generator_precision=True)
 
 # the last step's sampled groups -> token indices for the decoder, without leaving the device
 COMBINE = ComponentSpec(
@@ -133,6 +142,30 @@ COMBINE = ComponentSpec(
 
 COMPONENTS: Mapping[str, ComponentSpec] = {c.name: c for c in (ENCODER, DECODER, STEP, STEP_UNGUIDED, TRANSFORMER,
                                                                 COMBINE)}
+
+# bundle formats 1 and 2 took the four step settings as scalars, one value for the whole batch; such bundles
+# still generate (the scheduler then runs only rows that share their step and settings together)
+PER_ROW_SETTINGS_FORMAT = 3
+_LEGACY = {c.name: ComponentSpec(c.name, _step_inputs(()), c.outputs, **_STEP_ROLES) for c in (STEP, STEP_UNGUIDED)}
+
+
+def components_for(format_version: int) -> Mapping[str, ComponentSpec]:
+    """The component specs of a bundle of this format version."""
+    return COMPONENTS if format_version >= PER_ROW_SETTINGS_FORMAT else {**COMPONENTS, **_LEGACY}
+
+
+def per_row_settings(spec: ComponentSpec) -> bool:
+    """True when the step takes one value of each setting per row (format 3), False for a scalar (formats 1-2)."""
+    return spec.input(GUIDANCE_SCALE).shape == (BATCH,)
+
+
+def components_where(**roles: bool) -> tuple[str, ...]:
+    """The names of the components whose roles have these values, e.g. components_where(graphed=True)."""
+    return tuple(c.name for c in COMPONENTS.values() if all(getattr(c, k) == v for k, v in roles.items()))
+
+
 # written into every bundle (generator components only with a generator); the rest only on request
-DEFAULT_COMPONENTS = ("encoder", "decoder", "step", "step_unguided", "combine")
-OPTIONAL_COMPONENTS = ("transformer",)   # raw logits for verification and benchmarks; repeats the step's weights
+DEFAULT_COMPONENTS = components_where(run_by_runtime=True)
+OPTIONAL_COMPONENTS = components_where(run_by_runtime=False)   # the raw transformer: repeats the step's weights
+GRAPHED_COMPONENTS = components_where(graphed=True)
+GENERATOR_PRECISION_COMPONENTS = components_where(generator_precision=True)

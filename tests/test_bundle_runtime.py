@@ -222,7 +222,7 @@ def test_guidance_zero_runs_only_the_unguided_step_and_matches_eager(bundles):
     eager = maskbit.generate(tok, gen, labels=[1, 2, 5], num_steps=5, guidance_scale=0.0, seed=3)
     with Pipeline.load(path) as pipe:
         out = pipe.generate(labels=[1, 2, 5], num_steps=5, guidance_scale=0.0, seed=3)
-        assert {variant for variant, _ in pipe.backend._steppers} == {"step_unguided"}
+        assert {component for component, _ in pipe.backend.lanes} == {"step_unguided"}
     np.testing.assert_array_equal(out.tokens, eager.tokens)
 
 

@@ -1,22 +1,17 @@
-"""What every backend shares: the stepper, combine-then-decode and one-shot encode/decode, written once.
+"""What every backend shares: the primitives' contract, data-movement counts, and one-shot encode/decode.
 
-A backend implements only small primitives over its own buffers (`Primitives`: allocate, view, staging, upload,
-bind, run, download, close); `Executor` composes them into generation, so ONNX Runtime, TensorRT and AOTInductor
-run one algorithm. Buffers and bindings are made once per batch size and reused. The step's two token buffers
-ping-pong: each step binding reads `tokens` from one buffer and writes `next_tokens` into the other, so the next
-step's input is the previous output without a copy.
-
-A generation's per-step inputs (every step's noise and four scalars) are known before its first step, so they are
-staged (`StagedInputs`): stacked one row per step in host arrays (page-locked memory on CUDA), uploaded in one
-copy per input into device buffers kept per (batch, steps), and step i's binding reads row i (`Primitives.view`,
-a device address inside the stack: no copy). A generation then costs a fixed number of host<->device copies,
-whatever its number of steps; each backend counts them (`Transfers`).
+A backend implements only small primitives over its own buffers (`Primitives`: allocate, rows, staging, upload,
+copy, download, bind, run, close). Everything above them, the slot scheduler that runs every generation
+(`maskbit_runtime.scheduler`) and combine-then-decode (`Executor.finish`), is written once, so ONNX Runtime,
+TensorRT and AOTInductor run one algorithm. Buffers and bindings are made once per batch size and reused; a
+binding always reads and writes the same addresses, so a backend may replay it as a CUDA graph (`graphed` role
+of the component's spec) without copying anything into fixed inputs first.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,12 +19,7 @@ import numpy as np
 
 from ..errors import MaskbitError
 from ..manifest import Manifest
-from ..schedules import StepParams
-from ..specs import (BATCH, COMBINE, COMPONENTS, DECODER, ENCODER, GROUPS, IMAGES, INDICES, LABELS, NEXT_TOKENS,
-                     NOISE, SAMPLED, STEP, STEP_SCALARS, STEP_UNGUIDED, TOKENS, ComponentSpec, Dims)
-
-ROW_ALIGN = 256      # bytes; TensorRT wants every tensor address 256-byte aligned, so stacked rows start aligned
-STAGED = (NOISE, *STEP_SCALARS)       # the step inputs that change every step
+from ..specs import BATCH, COMBINE, DECODER, ENCODER, GROUPS, IMAGES, INDICES, ComponentSpec, Dims
 
 
 class BackendError(MaskbitError, RuntimeError):
@@ -38,12 +28,12 @@ class BackendError(MaskbitError, RuntimeError):
 
 @dataclass
 class Transfers:
-    """Data movement between host and device, counted by a backend's primitives (`Primitives.transfers`)."""
+    """Data movement between host and device, counted by a backend's primitives as they queue it."""
 
     host_to_device: int = 0       # copies from host memory into device buffers
     device_to_host: int = 0       # copies from device buffers into host memory
-    device_to_device: int = 0     # copies between device buffers (a step's rows moved under a CUDA graph)
-    host_syncs: int = 0           # times the host waited for work queued on the device
+    device_to_device: int = 0     # copies between device buffers (admitted, moved and retired rows)
+    host_syncs: int = 0           # times the host waited for work queued on the device, whoever waited
 
     def __sub__(self, other: Transfers) -> Transfers:
         return Transfers(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -60,7 +50,7 @@ class Transfers:
 
 
 class Primitives(Protocol):
-    """The device-specific part of a backend. Buffers and bindings are opaque handles to the executor."""
+    """The device-specific part of a backend. Buffers, row ranges and bindings are opaque handles to callers."""
 
     name: str
     transfers: Transfers
@@ -68,17 +58,21 @@ class Primitives(Protocol):
     def allocate(self, shape: tuple[int, ...], dtype: str) -> Any:
         """An uninitialised device buffer."""
 
-    def view(self, buffer: Any, row: int, shape: tuple[int, ...]) -> Any:
-        """Row `row` of a 2-d buffer [rows, n] read as a tensor of `shape` (its first prod(shape) elements), without
-        a copy; `bind` takes it as an input wherever it takes a buffer."""
+    def rows(self, buffer: Any, start: int, count: int) -> Any:
+        """Rows [start, start + count) of a buffer (its first axis), without a copy: an address inside it that
+        `bind` and `copy` take wherever they take a buffer."""
 
     def staging(self, buffer: Any) -> np.ndarray:
         """The reused host array that uploads into `buffer` go through, safe to write now: page-locked memory on
-        CUDA (after waiting for the last copy out of it, should one still be in flight)."""
+        CUDA (after waiting for the last copy out of it, should one still be in flight; counted as a host sync)."""
 
     def upload(self, buffer: Any, array: np.ndarray) -> None:
         """Host array -> device buffer of the same shape and dtype; asynchronous on CUDA when `array` is
         `staging(buffer)`."""
+
+    def copy(self, target: Any, source: Any) -> None:
+        """Device -> device copy between two buffers or row ranges of one shape and dtype, queued in order with
+        the runs (asynchronous on CUDA). Row ranges of one buffer may be copied onto each other if disjoint."""
 
     def download(self, *buffers: Any) -> list[np.ndarray]:
         """Device buffers -> new host arrays (never views of the reused buffers), after one wait for the device."""
@@ -87,20 +81,13 @@ class Primitives(Protocol):
         """A prepared binding of every input and output tensor of `component` to buffers, run many times."""
 
     def run(self, binding: Any) -> None:
-        """Execute a component on its bound buffers."""
+        """Execute a component on its bound buffers (replaying it as a CUDA graph where the backend does)."""
 
     def describe(self) -> dict:
-        """Providers/devices/versions for `maskbit-run info`."""
+        """Providers/devices/versions for `maskbit-run info`, and how this backend counts host syncs."""
 
     def close(self) -> None:
         """Release sessions/engines and device memory."""
-
-
-def row_length(shape: tuple[int, ...], dtype: str) -> int:
-    """Elements per row of a stacked buffer that holds one tensor of `shape` per row, every row 256-byte aligned."""
-    itemsize = np.dtype(dtype).itemsize
-    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
-    return max(-(-nbytes // ROW_ALIGN), 1) * ROW_ALIGN // itemsize
 
 
 def put(primitives: Primitives, buffer: Any, array: np.ndarray) -> None:
@@ -110,142 +97,47 @@ def put(primitives: Primitives, buffer: Any, array: np.ndarray) -> None:
     primitives.upload(buffer, host)
 
 
-class Stepper:
-    """The step's device buffers for one batch size and step variant.
+def copy_rows(primitives: Primitives, target: Any, source: Any, pairs: list[tuple[int, int]]) -> None:
+    """Copy row `s` of `source` to row `t` of `target` for each (t, s), one copy per run of consecutive rows."""
+    run_start = 0
+    for i in range(1, len(pairs) + 1):
+        if i == len(pairs) or pairs[i] != (pairs[i - 1][0] + 1, pairs[i - 1][1] + 1):
+            (t, s), count = pairs[run_start], i - run_start
+            primitives.copy(primitives.rows(target, t, count), primitives.rows(source, s, count))
+            run_start = i
 
-    Two ways to feed the steps: `step` uploads one step's noise and scalars into fixed buffers (the reference
-    path, and what a benchmark of single steps runs); `stage` uploads a whole generation's at once and `replay`
-    runs step i on its rows. Both run the same step on the same inputs, so they give the same tokens."""
 
-    def __init__(self, executor: Executor, spec: ComponentSpec, batch: int):
+class Finisher:
+    """Combine + decode of up to `batch` finished rows: sampled groups are copied in, nothing else leaves the
+    device until the images and token indices are downloaded together (one wait)."""
+
+    def __init__(self, executor: Executor, batch: int):
         ex, dims = executor.primitives, executor.manifest.dims
         self.primitives = ex
-        self.spec = spec
-        self.shapes = {t.name: dims.resolve(t.shape, batch) for t in spec.inputs + spec.outputs}
-        buffer = lambda t: ex.allocate(self.shapes[t.name], t.dtype)
-        self.state = [buffer(spec.input(TOKENS)), buffer(spec.output(NEXT_TOKENS))]
-        self.sampled = buffer(spec.output(SAMPLED))
-        self.inputs = {t.name: buffer(t) for t in spec.inputs if t.name != TOKENS}
-        self.bindings = [ex.bind(spec.name, {**self.wiring(p), **self.inputs}) for p in (0, 1)]
-        self.masked = np.full(self.shapes[TOKENS], dims.group_classes, np.int64)
-        self.scalar_dtypes = {name: spec.input(name).dtype for name in STEP_SCALARS}
-        self.parity = 0
-        self._staged: dict[int, StagedInputs] = {}
+        self.groups = ex.allocate(dims.resolve(COMBINE.input(GROUPS).shape, batch), COMBINE.input(GROUPS).dtype)
+        decoder = executor.manifest.spec(DECODER.name)
+        self.decoded = {t.name: ex.allocate(dims.resolve(t.shape, batch), t.dtype)
+                        for t in decoder.inputs + decoder.outputs}
+        self.combine = ex.bind(COMBINE.name, {GROUPS: self.groups, INDICES: self.decoded[INDICES]})
+        self.decode = ex.bind(DECODER.name, self.decoded)
 
-    def wiring(self, parity: int) -> dict[str, Any]:
-        """The buffers every step of this parity binds besides its per-step inputs."""
-        return {TOKENS: self.state[parity], NEXT_TOKENS: self.state[1 - parity], SAMPLED: self.sampled,
-                LABELS: self.inputs[LABELS]}
-
-    def start(self, labels: np.ndarray) -> None:
-        self.parity = 0
-        put(self.primitives, self.state[0], self.masked)
-        put(self.primitives, self.inputs[LABELS], labels)
-
-    def step(self, noise: np.ndarray, params: StepParams) -> None:
-        self.primitives.upload(self.inputs[NOISE], noise)
-        for name, dtype in self.scalar_dtypes.items():
-            self.primitives.upload(self.inputs[name], np.array(getattr(params, name), dtype=dtype))
-        self.primitives.run(self.bindings[self.parity])
-        self.parity ^= 1
-
-    def stage(self, noises: Sequence[np.ndarray], plan: Sequence[StepParams]) -> StagedInputs:
-        """Upload every step's noise and scalars of a generation (after `start`), one copy per input."""
-        if len(noises) != len(plan) or not plan:
-            raise ValueError(f"staging needs one noise array per step, got {len(noises)} for {len(plan)} steps")
-        if len(plan) not in self._staged:
-            self._staged[len(plan)] = StagedInputs(self, len(plan))
-        staged = self._staged[len(plan)]
-        staged.upload(noises, plan)
-        return staged
-
-    def replay(self, staged: StagedInputs, i: int) -> None:
-        """Run step i of a staged generation on its rows (step 0 reads the state `start` wrote)."""
-        self.primitives.run(staged.bindings[i])
-        self.parity = (i + 1) % 2
-
-    def result(self) -> Any:
-        return self.sampled
-
-
-class StagedInputs:
-    """Every step's noise and scalars for generations of `steps` steps: one stacked device buffer per input, a
-    256-byte aligned row per step, filled by one upload; and one binding per step that reads its rows."""
-
-    def __init__(self, stepper: Stepper, steps: int):
-        ex = self.primitives = stepper.primitives
-        self.shapes = {name: stepper.shapes[name] for name in STAGED}
-        dtypes = {name: stepper.spec.input(name).dtype for name in STAGED}
-        self.stacks = {name: ex.allocate((steps, row_length(self.shapes[name], dtypes[name])), dtypes[name])
-                       for name in STAGED}
-        self.bindings = [ex.bind(stepper.spec.name, {**stepper.wiring(i % 2), **{
-            name: ex.view(stack, i, self.shapes[name]) for name, stack in self.stacks.items()}}) for i in range(steps)]
-
-    def upload(self, noises: Sequence[np.ndarray], plan: Sequence[StepParams]) -> None:
-        for name, stack in self.stacks.items():
-            host = self.primitives.staging(stack)
-            if name == NOISE:
-                size = int(np.prod(self.shapes[NOISE]))
-                for i, noise in enumerate(noises):
-                    if np.shape(noise) != self.shapes[NOISE]:
-                        raise ValueError(f"step {i}'s noise has shape {np.shape(noise)}, expected {self.shapes[NOISE]}")
-                    host[i, :size] = np.asarray(noise, dtype=host.dtype).reshape(-1)
-            else:
-                host[:, 0] = [getattr(params, name) for params in plan]
-            self.primitives.upload(stack, host)
-
-
-class StagedStepper:
-    """The decode loop's stepper (`loop.Stepper`) for whole generations: `step` only collects each step's noise and
-    scalars on the host; `result` stages them (one upload per input) and replays every step on its rows,
-    reporting each to `on_step`. The same inputs reach the same step as on the per-step path."""
-
-    def __init__(self, stepper: Stepper, on_step: Callable[[int], None] | None = None):
-        self.stepper = stepper
-        self.on_step = on_step
-        self.noises: list[np.ndarray] = []
-        self.plan: list[StepParams] = []
-
-    def start(self, labels: np.ndarray) -> None:
-        self.stepper.start(labels)
-        self.noises, self.plan = [], []
-
-    def step(self, noise: np.ndarray, params: StepParams) -> None:
-        self.noises.append(np.array(noise, dtype=np.float32))       # a copy: the caller may reuse its array
-        self.plan.append(params)
-
-    def result(self) -> Any:
-        staged = self.stepper.stage(self.noises, self.plan)
-        for i in range(len(self.plan)):
-            self.stepper.replay(staged, i)
-            if self.on_step is not None:
-                self.on_step(i)
-        self.noises = []
-        return self.stepper.result()
+    def run(self) -> tuple[np.ndarray, np.ndarray]:
+        self.primitives.run(self.combine)
+        self.primitives.run(self.decode)
+        images, indices = self.primitives.download(self.decoded[IMAGES], self.decoded[INDICES])
+        return images, indices
 
 
 class Executor:
-    """Generation, encoding and decoding of one bundle on one backend's primitives."""
+    """One bundle on one backend's primitives: the buffers the scheduler steps, combine+decode, encode/decode."""
 
     def __init__(self, primitives: Primitives, manifest: Manifest):
         self.primitives = primitives
         self.manifest = manifest
         self.name = primitives.name
-        self._steppers: dict[tuple[str, int], Stepper] = {}
         self._io: dict[tuple[str, int], tuple[dict[str, Any], Any]] = {}
-
-    def stepper(self, batch: int, guided: bool = True) -> Stepper:
-        """The stepper for `batch` images; unguided (conditional half only) when the bundle has that variant."""
-        spec = STEP if guided or STEP_UNGUIDED.name not in self.manifest.components else STEP_UNGUIDED
-        key = (spec.name, batch)
-        if key not in self._steppers:
-            self._steppers[key] = Stepper(self, spec, batch)
-        return self._steppers[key]
-
-    def staged_stepper(self, batch: int, guided: bool = True,
-                       on_step: Callable[[int], None] | None = None) -> StagedStepper:
-        """The decode loop's stepper that uploads each generation's per-step inputs once (see `StagedStepper`)."""
-        return StagedStepper(self.stepper(batch, guided), on_step)
+        self._finishers: dict[int, Finisher] = {}
+        self.lanes: dict[tuple[str, int], Any] = {}       # the scheduler's lanes, kept with their device buffers
 
     @property
     def transfers(self) -> Transfers:
@@ -262,15 +154,10 @@ class Executor:
             self._io[key] = buffers, self.primitives.bind(spec.name, buffers)
         return self._io[key]
 
-    def finish(self, sampled: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Final sampled groups (device buffer) -> (uint8 images [B,H,W,3], int64 indices [B,h,w]) on the host.
-        Combine writes straight into the decoder's input buffer: nothing but the results leaves the device."""
-        decoded, decode = self.buffers(DECODER, batch)
-        combine = self.primitives.bind(COMBINE.name, {GROUPS: sampled, INDICES: decoded[INDICES]})
-        self.primitives.run(combine)
-        self.primitives.run(decode)
-        images, indices = self.primitives.download(decoded[IMAGES], decoded[INDICES])
-        return images, indices
+    def finisher(self, batch: int) -> Finisher:
+        if batch not in self._finishers:
+            self._finishers[batch] = Finisher(self, batch)
+        return self._finishers[batch]
 
     def run_once(self, spec: ComponentSpec, array: np.ndarray) -> np.ndarray:
         (source,), (target,) = spec.inputs, spec.outputs
@@ -290,19 +177,20 @@ class Executor:
         return self.primitives.describe()
 
     def close(self) -> None:
-        self._steppers.clear()
+        self.lanes.clear()
+        self._finishers.clear()
         self._io.clear()
         self.primitives.close()
 
 
-def check_component_io(component: str, declared: Mapping[str, tuple[str, int]], where: str,
+def check_component_io(spec: ComponentSpec, declared: Mapping[str, tuple[str, int]], where: str,
                        shapes: Mapping[str, tuple[int | None, ...]] | None = None, dims: Dims | None = None) -> None:
-    """Compare a loaded graph's own tensors {name: (numpy dtype, rank)} with the bundle contract, and, given
-    `shapes` {name: axes, None where dynamic} and the manifest's `dims`, every fixed axis with the manifest's."""
-    spec = COMPONENTS[component]
+    """Compare a loaded graph's own tensors {name: (numpy dtype, rank)} with the bundle contract (`spec`, as the
+    bundle's format declares it), and, given `shapes` {name: axes, None where dynamic} and the manifest's `dims`,
+    every fixed axis with the manifest's."""
     expected = {t.name: (np.dtype(t.dtype).name, len(t.shape)) for t in spec.inputs + spec.outputs}
     if declared != expected:
-        raise BackendError(f"{where} has tensors {sorted(declared.items())}, but a {component} component must "
+        raise BackendError(f"{where} has tensors {sorted(declared.items())}, but a {spec.name} component must "
                            f"have {sorted(expected.items())}; the file does not belong to this bundle")
     for t in spec.inputs + spec.outputs if shapes is not None and dims is not None else ():
         want = tuple(None if s == BATCH else d for s, d in zip(t.shape, dims.resolve(t.shape, 0)))

@@ -139,9 +139,9 @@ class Device:
                              f"{self.shape}")
         self.stream.copy_device_to_device(self.ptr, source.ptr, self.nbytes)
 
-    def row(self, index: int, shape: tuple[int, ...]) -> Slice:
-        """Row `index` of this 2-d buffer read as a tensor of `shape`: an address inside it, no copy."""
-        return Slice(self, index, shape)
+    def rows(self, start: int, count: int) -> Slice:
+        """Rows [start, start + count) of this buffer (its first axis): an address inside it, no copy."""
+        return Slice(self, start, count)
 
     def free(self) -> None:
         if self.ptr:
@@ -150,18 +150,22 @@ class Device:
 
 
 class Slice:
-    """A tensor inside a stacked device buffer [rows, n]: the first prod(shape) elements of one row. It owns no
-    memory; `ptr` is the base's address plus the row's offset, so binding it costs nothing."""
+    """Rows [start, start + count) of a device buffer (or of another slice). It owns no memory; `ptr` is the
+    base's address plus the rows' offset, so binding it costs nothing."""
 
-    def __init__(self, base: Device, index: int, shape: tuple[int, ...]):
+    def __init__(self, base: Device | Slice, start: int, count: int):
+        if not base.shape or not (start >= 0 and count >= 1 and start + count <= base.shape[0]):
+            raise ValueError(f"rows {start}..{start + count - 1} do not exist in a device buffer of shape {base.shape}")
         self.base = base
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = (count, *base.shape[1:])
         self.dtype = base.dtype
-        size = int(np.prod(self.shape, dtype=np.int64))
-        if len(base.shape) != 2 or not 0 <= index < base.shape[0] or size > base.shape[1]:
-            raise ValueError(f"row {index} of a device buffer of shape {base.shape} cannot hold {self.shape}")
-        self.nbytes = size * self.dtype.itemsize
-        self.ptr = base.ptr + index * base.shape[1] * self.dtype.itemsize
+        row_bytes = int(np.prod(base.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.nbytes = count * row_bytes
+        self.ptr = base.ptr + start * row_bytes
+        self.stream = base.stream
+
+    def rows(self, start: int, count: int) -> Slice:
+        return Slice(self, start, count)
 
 
 class Pinned:

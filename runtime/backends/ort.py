@@ -3,38 +3,34 @@
 Each session is checked after it loads: its inputs and outputs must be the bundle contract's (a component file
 that belongs to another model is refused), and it must run on the provider that was asked for.
 
-A row of a stacked buffer (`view`) is bound by address (`IOBinding.bind_input` with the OrtValue's data pointer
-plus the row's offset), so a staged step reads its noise and scalars where the one upload put them. Uploads are
+A range of rows (`rows`) is bound by address (`IOBinding.bind_input` with the OrtValue's data pointer plus the
+rows' offset), so a step over the first n slots reads the slot table in place. Uploads are
 `OrtValue.update_inplace` from ordinary numpy arrays: on CUDA, ONNX Runtime copies them itself (a blocking copy
-from pageable memory). Page-locked staging would need cuda-python here only to speed up the few copies a
-generation makes, and binding page-locked *host* memory as a step input would make ONNX Runtime copy it to the
-GPU on every run. Without CUDA graphs the CUDA provider synchronizes its stream at the end of every run, which
-`transfers` counts.
+from pageable memory, counted as a host sync). Device-to-device copies (admitted, moved and retired rows) are a
+memmove on the CPU and, on CUDA, cudaMemcpyAsync (cuda-python) on a stream this backend creates and hands to ONNX
+Runtime as its compute stream ("user_compute_stream"), so copies and runs are ordered without a wait. Without
+CUDA graphs the CUDA provider synchronizes its stream at the end of every run, which `transfers` counts.
 
-CUDA graphs (`cuda_graphs=True`, on CUDA; needs cuda-python): ONNX Runtime's own capture ("enable_cuda_graph")
-replays fixed input and output addresses per graph id ("gpu_graph_id" run option; it does not check them), so each
-step binding (one per batch size and ping-pong parity) gets its own id and binds fixed buffers; before each run
-the step's rows are copied device-to-device into them, on a stream this backend creates and hands to ONNX Runtime
-as its compute stream ("user_compute_stream"), so the copies and the replay are ordered without waiting on the
-host. Runs do not synchronize ("disable_synchronize_execution_providers"); the download at the end waits once.
+CUDA graphs (`cuda_graphs=True`, on CUDA): ONNX Runtime's own capture ("enable_cuda_graph") replays fixed input
+and output addresses per graph id ("gpu_graph_id" run option); every step binding (one per number of occupied
+slots and ping-pong parity) binds fixed addresses, so each gets its own id and nothing is copied before a replay.
+Runs then do not synchronize ("disable_synchronize_execution_providers"); the download at the end waits once.
 When ONNX Runtime refuses capture for a graph (for example, nodes placed on the CPU), that component runs without
 graphs and `describe` says why.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import MissingDependencyError
 from ..manifest import Manifest
-from ..specs import COMPONENTS
 from .base import BackendError, Transfers, check_component_io
-
-GRAPHED = ("step", "step_unguided")        # the components replayed as CUDA graphs
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
@@ -43,7 +39,7 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint
 
 @dataclass(frozen=True, eq=False)
 class Row:
-    """A tensor inside a stacked OrtValue [rows, n]: its address, shape and dtype (the OrtValue owns the memory)."""
+    """A range of rows of an OrtValue: its address, shape and dtype (the OrtValue owns the memory)."""
 
     base: Any
     ptr: int
@@ -116,10 +112,9 @@ class OrtPrimitives:
         self.transfers = Transfers()
         self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
         self.graphs_off: dict[str, str] = {}          # component -> why ONNX Runtime would not capture it
-        self._fixed: dict[tuple, Any] = {}            # where graphed steps read their rows
         self._graph_ids: dict[tuple, int] = {}       # addresses -> graph id (from 1: ORT reserves 0; -1 is "none")
         self.stream = None
-        if self.cuda_graphs:
+        if self.device == "cuda":
             from .cuda import Stream                  # cuda-python: the row copies run on ONNX Runtime's stream
             self.stream = Stream(0)
             self.provider_options[self.providers.index(CUDA)]["user_compute_stream"] = str(self.stream.handle)
@@ -135,7 +130,7 @@ class OrtPrimitives:
                                    f"provider (its CPU provider has no bfloat16 MatMul); use a GPU (--backend tensorrt "
                                    f"or onnxruntime-gpu) or export --precision fp16, int8 or fp32 for the CPU")
             session = None
-            if self.cuda_graphs and component in GRAPHED:
+            if self.cuda_graphs and self.manifest.spec(component).graphed:
                 cuda = self.providers.index(CUDA)
                 options = [dict(o) for o in self.provider_options]
                 options[cuda]["enable_cuda_graph"] = "1"
@@ -158,7 +153,7 @@ class OrtPrimitives:
             tensors = session.get_inputs() + session.get_outputs()
             declared = {t.name: (_ORT_TYPES.get(t.type, t.type), len(t.shape)) for t in tensors}
             shapes = {t.name: tuple(s if isinstance(s, int) else None for s in t.shape) for t in tensors}
-            check_component_io(component, declared, str(path), shapes, self.manifest.dims)
+            check_component_io(self.manifest.spec(component), declared, str(path), shapes, self.manifest.dims)
             self._sessions[component] = session
         return self._sessions[component]
 
@@ -169,12 +164,27 @@ class OrtPrimitives:
             raise BackendError(f"ONNX Runtime cannot allocate {self.device} memory ({str(exc).splitlines()[0]}); "
                                f"is its {self.device} provider usable here?") from None
 
-    def view(self, buffer, row: int, shape: tuple[int, ...]) -> Row:
-        rows, length = buffer.shape()
-        dtype = np.dtype(_ORT_TYPES[buffer.data_type()])
-        if not 0 <= row < rows or int(np.prod(shape)) > length:
-            raise ValueError(f"row {row} of a buffer of shape {[rows, length]} cannot hold {list(shape)}")
-        return Row(buffer, buffer.data_ptr() + row * length * dtype.itemsize, tuple(shape), dtype)
+    def rows(self, buffer, start: int, count: int) -> Row:
+        base = buffer.base if isinstance(buffer, Row) else buffer
+        shape = buffer.shape if isinstance(buffer, Row) else tuple(buffer.shape())
+        ptr = buffer.ptr if isinstance(buffer, Row) else buffer.data_ptr()
+        dtype = np.dtype(_ORT_TYPES[base.data_type()])
+        if not shape or not (start >= 0 and count >= 1 and start + count <= shape[0]):
+            raise ValueError(f"rows {start}..{start + count - 1} do not exist in a buffer of shape {list(shape)}")
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        return Row(base, ptr + start * row_bytes, (count, *shape[1:]), dtype)
+
+    def copy(self, target, source) -> None:
+        target, source = (self.rows(b, 0, b.shape[0] if isinstance(b, Row) else b.shape()[0])
+                          for b in (target, source))
+        if target.shape != source.shape or target.dtype != source.dtype:
+            raise ValueError(f"cannot copy {source.dtype} {list(source.shape)} into {target.dtype} "
+                             f"{list(target.shape)}")
+        if self.stream is not None:
+            self.stream.copy_device_to_device(target.ptr, source.ptr, target.nbytes)
+        else:
+            ctypes.memmove(target.ptr, source.ptr, target.nbytes)
+        self.transfers.device_to_device += 1
 
     def staging(self, buffer) -> np.ndarray:
         if id(buffer) not in self._staging:
@@ -194,42 +204,27 @@ class OrtPrimitives:
 
     def bind(self, component: str, buffers: Mapping[str, Any]) -> Binding:
         session = self.session(component)
-        spec = COMPONENTS[component]
-        graphed = self.cuda_graphs and component in GRAPHED and component not in self.graphs_off
+        spec = self.manifest.spec(component)
+        graphed = self.cuda_graphs and spec.graphed and component not in self.graphs_off
         binding = Binding(session, session.io_binding(), dict(buffers), self.ort.RunOptions())
         addresses = [component]
-        for t in spec.inputs:
+        for t, output in [(t, False) for t in spec.inputs] + [(t, True) for t in spec.outputs]:
             buffer = buffers[t.name]
-            if isinstance(buffer, Row) and graphed:          # a graph reads fixed addresses: copy the row there
-                fixed = self._fixed_for(component, t.name, buffer)
-                binding.copies.append((fixed, buffer))
-                buffer = fixed
             if isinstance(buffer, Row):
-                binding.io.bind_input(t.name, self.device, 0, buffer.dtype.type, list(buffer.shape), buffer.ptr)
+                bind = binding.io.bind_output if output else binding.io.bind_input
+                bind(t.name, self.device, 0, buffer.dtype.type, list(buffer.shape), buffer.ptr)
                 addresses.append(buffer.ptr)
             else:
-                binding.io.bind_ortvalue_input(t.name, buffer)
+                (binding.io.bind_ortvalue_output if output else binding.io.bind_ortvalue_input)(t.name, buffer)
                 addresses.append(buffer.data_ptr())
-        for t in spec.outputs:
-            binding.io.bind_ortvalue_output(t.name, buffers[t.name])
-            addresses.append(buffers[t.name].data_ptr())
         if self.cuda_graphs:
             binding.options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        if graphed:        # one graph per set of addresses: the steps of one parity share theirs
+        if graphed:        # one graph per set of addresses (and so per number of rows)
             graph = self._graph_ids.setdefault(tuple(addresses), len(self._graph_ids) + 1)
             binding.options.add_run_config_entry("gpu_graph_id", str(graph))
         return binding
 
-    def _fixed_for(self, component: str, name: str, row: Row):
-        key = (component, name, row.shape)
-        if key not in self._fixed:
-            self._fixed[key] = self.allocate(row.shape, row.dtype.name)
-        return self._fixed[key]
-
     def run(self, binding: Binding) -> None:
-        for fixed, row in binding.copies:
-            self.stream.copy_device_to_device(fixed.data_ptr(), row.ptr, row.nbytes)
-            self.transfers.device_to_device += 1
         binding.session.run_with_iobinding(binding.io, binding.options)
         if self.device == "cuda" and not self.cuda_graphs:
             self.transfers.host_syncs += 1      # the CUDA provider synchronizes its stream at the end of each run
@@ -247,7 +242,6 @@ class OrtPrimitives:
             self.stream.synchronize()
         self._sessions.clear()
         self._staging.clear()
-        self._fixed.clear()
         if self.stream is not None:
             self.stream.close()
             self.stream = None
@@ -255,11 +249,9 @@ class OrtPrimitives:
 
 @dataclass(eq=False)
 class Binding:
-    """A session's IOBinding with its buffers (kept alive with it), run options, and the rows a graphed step copies
-    into its fixed inputs before each run."""
+    """A session's IOBinding with its buffers (kept alive with it) and run options."""
 
     session: Any
     io: Any
     buffers: dict
     options: Any
-    copies: list = field(default_factory=list)

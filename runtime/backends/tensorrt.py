@@ -1,18 +1,16 @@
 """TensorRT primitives: one engine and execution context per component, cuda-python device buffers.
 
-The shared executor (`base.Executor`) drives these: its step bindings differ in which token buffer is `tokens`
-and which is `next_tokens` and, for a staged generation, in which row of the stacked noise and scalars they read;
-running a binding points the context's tensor addresses at its buffers (`set_tensor_address`, only those that
-changed), so the state never leaves the device and is never copied. Uploads from the staging arrays (page-locked)
-and downloads are asynchronous on the backend's one stream; the host waits once, after the downloads.
+The slot scheduler (`maskbit_runtime.scheduler`) drives these: its step bindings differ in how many slot rows
+they cover and in which token buffer is `tokens` and which `next_tokens`; running a binding sets the input shapes
+when they changed and points the context's tensor addresses at its buffers (`set_tensor_address`, only those that
+changed), so the state never leaves the device. Uploads from the staging arrays (page-locked) and downloads are
+asynchronous on the backend's one stream; rows are moved with device-to-device copies on the same stream.
 
-CUDA graphs (on by default, `cuda_graphs=False` to turn off): the step is captured once per ping-pong parity and
-replayed. A graph replays the addresses it was captured with, but staged steps read a different row each step,
-so each of the step's five per-step inputs is first copied device-to-device (asynchronously, on the stream) from
-its row into one fixed buffer per input; the graph reads those. That keeps two graphs per batch size whatever
-the number of steps (one graph per step would mean a capture and an instantiation per step), at the price of
-five tiny device copies per step. A change of batch size re-captures; if a capture fails, the step runs without
-graphs and `describe()` says why.
+CUDA graphs (on by default, `cuda_graphs=False` to turn off): every step binding reads and writes fixed
+addresses, so a step is captured once per (rows, parity) and replayed with nothing copied first. The context
+holds one set of input shapes, so a change in the number of occupied rows drops the captured graphs and the next
+steps capture again (a generation whose rows all start and end together captures two graphs). If a capture fails,
+the step runs without graphs and `describe()` says why.
 
 Engines are tied to the TensorRT version and the GPU they were built on; before any engine is deserialized the
 manifest's record of both is compared with this machine's. TensorRT and cuda-python are imported only when the
@@ -26,14 +24,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..manifest import Manifest
-from ..specs import COMPONENTS, DEFAULT_COMPONENTS, STEP, STEP_UNGUIDED, ComponentSpec
+from ..specs import DEFAULT_COMPONENTS, ComponentSpec
 from .base import BackendError, Transfers
 from .cuda import Device, GraphCache, Pinned, Slice, Stream, gpu_info
 
 REBUILD = "rebuild with maskbit-export build-engines --backend tensorrt"
-# components the runtime executes; the raw transformer's engine serves verification and benchmarks only
-RUNTIME_COMPONENTS = DEFAULT_COMPONENTS
-GRAPHED = (STEP.name, STEP_UNGUIDED.name)       # the components replayed as CUDA graphs
 
 
 def import_tensorrt():
@@ -70,7 +65,7 @@ def describe_gpu(gpu: dict) -> str:
 def check_engines(manifest: Manifest, tensorrt_version: str, gpu: dict) -> None:
     """Raise BackendError unless every component the runtime needs has an engine built for this TensorRT and GPU."""
     components = manifest.components
-    missing = [name for name in RUNTIME_COMPONENTS if name in components and components[name].engine is None]
+    missing = [name for name in DEFAULT_COMPONENTS if name in components and components[name].engine is None]
     if missing:
         raise BackendError(f"bundle {manifest.root} has no TensorRT engine for {', '.join(missing)}; build them "
                            f"with maskbit-export build-engines --backend tensorrt "
@@ -173,12 +168,12 @@ class TensorRTPrimitives:
         self._buffers: list[Device] = []
         self._pinned: dict[int, tuple[Device, Pinned]] = {}          # staging (uploads) per device buffer
         self._readback: dict[int, tuple[Device, Pinned]] = {}        # downloads per device buffer
-        self._fixed: dict[tuple, Device] = {}                         # where graphed steps read their rows
 
     def engine(self, component: str) -> Engine:
         if component not in self._engines:
-            engine = Engine(self.trt, self.runtime, self.manifest, COMPONENTS[component], self.logger)
-            if self.cuda_graphs and component in GRAPHED:
+            spec = self.manifest.spec(component)
+            engine = Engine(self.trt, self.runtime, self.manifest, spec, self.logger)
+            if self.cuda_graphs and spec.graphed:
                 engine.graphs = GraphCache(self.stream)
             self._engines[component] = engine
         return self._engines[component]
@@ -188,8 +183,14 @@ class TensorRTPrimitives:
         self._buffers.append(buffer)
         return buffer
 
-    def view(self, buffer: Device, row: int, shape: tuple[int, ...]) -> Slice:
-        return buffer.row(row, shape)
+    def rows(self, buffer: Device | Slice, start: int, count: int) -> Slice:
+        return buffer.rows(start, count)
+
+    def copy(self, target: Device | Slice, source: Device | Slice) -> None:
+        if target.shape != source.shape or target.dtype != source.dtype:
+            raise ValueError(f"cannot copy {source.dtype} {source.shape} into {target.dtype} {target.shape}")
+        self.stream.copy_device_to_device(target.ptr, source.ptr, target.nbytes)
+        self.transfers.device_to_device += 1
 
     def staging(self, buffer: Device) -> np.ndarray:
         pinned = self._pinned_for(self._pinned, buffer)
@@ -224,26 +225,12 @@ class TensorRTPrimitives:
 
     def run(self, binding: Binding) -> None:
         engine = binding.engine
+        engine.bind(binding.buffers)
         if engine.graphs is None or engine.graphs.off:
-            engine.bind(binding.buffers)
             engine.run(self.stream)
             return
-        buffers = {name: self._fixed_copy(engine, name, buffer) for name, buffer in binding.buffers.items()}
-        engine.bind(buffers)
-        key = tuple(sorted((name, buffer.ptr) for name, buffer in buffers.items()))
+        key = tuple(sorted((name, buffer.ptr, buffer.shape) for name, buffer in binding.buffers.items()))
         engine.graphs.run(key, lambda: engine.run(self.stream))
-
-    def _fixed_copy(self, engine: Engine, name: str, buffer: Device | Slice) -> Device:
-        """A row's data, copied on the device into the fixed buffer a graph reads; other buffers as they are."""
-        if not isinstance(buffer, Slice):
-            return buffer
-        key = (engine.spec.name, name, buffer.shape)
-        if key not in self._fixed:
-            self._fixed[key] = self.allocate(buffer.shape, buffer.dtype)
-        fixed = self._fixed[key]
-        fixed.copy_from(buffer)
-        self.transfers.device_to_device += 1
-        return fixed
 
     def describe(self) -> dict:
         off = [f"{name}: {e.graphs.off}" for name, e in self._engines.items() if e.graphs is not None and e.graphs.off]
@@ -266,7 +253,6 @@ class TensorRTPrimitives:
         self._engines.clear()
         self._pinned.clear()
         self._readback.clear()
-        self._fixed.clear()
         self.stream.close()
         self.stream = None
 

@@ -1,0 +1,323 @@
+"""The one execution model of the runtime: a table of slots, one image each, stepped together.
+
+Every generation runs here: `Pipeline.generate`, `maskbit-run sample` and the server submit `ImageJob`s. Each
+iteration (`Scheduler.iterate`):
+1. drops cancelled rows and admits waiting images into free slots (FIFO), writing fully masked tokens into
+   their rows on the device;
+2. runs one step over the occupied rows of each lane (one lane per step graph: guided, and unguided for images
+   with guidance 0), every row with its own label, noise and settings (step graphs of bundle format 3 take the
+   four settings per row);
+3. retires rows that took their last step to one batched combine + decode, and decodes previews of rows that
+   asked for one at this step; then moves the last rows into the holes, so the occupied rows stay 0..n-1.
+
+An image's tokens depend only on its own row: its label, its settings' plan and its noise stream, seeded by
+(seed, index). So an image is the same whichever other images share its steps and whenever it was admitted.
+
+Bundles of format 1-2 take the settings as scalars: a lane then admits images only while it is empty and only
+ones with equal settings, which is batch-at-a-time generation.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backends.base import Executor, copy_rows, put
+from .noise import ImageNoise
+from .sampling import SamplingSettings
+from .schedules import StepParams
+from .specs import (LABELS, NEXT_TOKENS, NOISE, SAMPLED, STEP, STEP_SETTINGS, STEP_UNGUIDED, TOKENS, ComponentSpec,
+                    per_row_settings)
+
+
+@dataclass(eq=False)
+class ImageJob:
+    """One image to make, and what became of it. Set `cancelled` from any thread; the row is freed at the next
+    step boundary. Callbacks run on the scheduler's thread."""
+
+    label: int
+    seed: int
+    index: int                                 # the image's noise stream is (seed, index)
+    settings: SamplingSettings
+    preview_every: int = 0                     # decode a preview every k steps (0: none)
+    on_step: Callable[[ImageJob], None] | None = None
+    on_preview: Callable[[ImageJob, np.ndarray], None] | None = None
+    on_done: Callable[[ImageJob], None] | None = None
+    step: int = 0                              # steps taken
+    image: np.ndarray | None = None            # uint8 [H, W, 3] when done
+    tokens: np.ndarray | None = None           # int64 [h, w] when done
+    error: BaseException | None = None
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def num_steps(self) -> int:
+        return self.settings.num_steps
+
+
+@dataclass(eq=False)
+class Slot:
+    job: ImageJob
+    plan: Sequence[StepParams]
+    noise: ImageNoise
+
+
+class Lane:
+    """The device buffers of one step graph at one capacity: token state (two buffers that ping-pong), the
+    `sampled` output, the per-row inputs (two sets, one per parity, so the host fills one while a step may still
+    read the other), and one binding per (occupied rows, parity), made on first use."""
+
+    def __init__(self, executor: Executor, spec: ComponentSpec, capacity: int):
+        ex, dims = executor.primitives, executor.manifest.dims
+        self.executor, self.primitives, self.spec, self.capacity = executor, ex, spec, capacity
+        self.per_row = per_row_settings(spec)
+        shapes = {t.name: dims.resolve(t.shape, capacity) for t in spec.inputs + spec.outputs}
+        allocate = lambda name: ex.allocate(shapes[name], (spec.inputs + spec.outputs)[self._index(name)].dtype)
+        self.state = [allocate(TOKENS), allocate(TOKENS)]
+        self.sampled = allocate(SAMPLED)
+        self.inputs = [{name: allocate(name) for name in (LABELS, NOISE, *STEP_SETTINGS)} for _ in (0, 1)]
+        self.masked = allocate(TOKENS)
+        put(ex, self.masked, np.full(shapes[TOKENS], dims.group_classes, np.int64))
+        self.bindings: dict[tuple[int, int], Any] = {}
+        self.slots: list[Slot] = []
+        self.parity = 0
+        self.labels_stale = [True, True]      # labels change only when rows come or go
+
+    def _index(self, name: str) -> int:
+        return [t.name for t in self.spec.inputs + self.spec.outputs].index(name)
+
+    def binding(self, rows: int, parity: int):
+        key = (rows, parity)
+        if key not in self.bindings:
+            ex, view = self.primitives, lambda buffer: self.primitives.rows(buffer, 0, rows)
+            inputs = {name: view(b) if self.per_row or name in (LABELS, NOISE) else b
+                      for name, b in self.inputs[parity].items()}
+            self.bindings[key] = ex.bind(self.spec.name, {TOKENS: view(self.state[parity]),
+                                                          NEXT_TOKENS: view(self.state[1 - parity]),
+                                                          SAMPLED: view(self.sampled), **inputs})
+        return self.bindings[key]
+
+    # -- admission ----------------------------------------------------------------------------------------------
+    def fits(self, job: ImageJob, pending: list[Slot]) -> bool:
+        """Whether `job` can join the rows this lane has and the ones admitted with it (`pending`)."""
+        if len(self.slots) + len(pending) >= self.capacity:
+            return False
+        if self.per_row:
+            return True
+        # scalar settings (format 1-2): every row at the same step with the same plan
+        return all(s.job.step == 0 and s.job.settings == job.settings for s in self.slots + pending)
+
+    def admit(self, slots: list[Slot]) -> None:
+        start = len(self.slots)
+        self.primitives.copy(self.primitives.rows(self.state[self.parity], start, len(slots)),
+                             self.primitives.rows(self.masked, 0, len(slots)))
+        self.slots.extend(slots)
+        self.labels_stale = [True, True]
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        ex, n, p = self.primitives, len(self.slots), self.parity
+        inputs = self.inputs[p]
+        noise = ex.staging(inputs[NOISE])
+        for row, slot in enumerate(self.slots):
+            slot.noise.draw(out=noise[row])
+        ex.upload(inputs[NOISE], noise)
+        if self.labels_stale[p]:
+            put(ex, inputs[LABELS], np.array([s.job.label for s in self.slots] + [0] * (self.capacity - n)))
+            self.labels_stale[p] = False
+        for name in STEP_SETTINGS:
+            host = ex.staging(inputs[name])
+            if self.per_row:
+                host[:n] = [getattr(s.plan[s.job.step], name) for s in self.slots]
+            else:
+                first = self.slots[0]
+                host[...] = getattr(first.plan[first.job.step], name)
+            ex.upload(inputs[name], host)
+        ex.run(self.binding(n, p))
+        self.parity ^= 1
+        for slot in self.slots:
+            slot.job.step += 1
+
+    def remove(self, rows: list[int]) -> None:
+        """Free these rows; the last occupied rows move into the holes (one device copy each)."""
+        gone = set(rows)
+        keep = [r for r in range(len(self.slots)) if r not in gone]
+        moves = [(target, source) for target, source in enumerate(keep) if target != source]
+        state = self.state[self.parity]
+        for target, source in moves:          # in ascending order: a source is never a row already overwritten
+            self.primitives.copy(self.primitives.rows(state, target, 1), self.primitives.rows(state, source, 1))
+        self.slots = [self.slots[r] for r in keep]
+        self.labels_stale = [True, True]
+
+    def fail(self, error: BaseException) -> list[ImageJob]:
+        jobs = [s.job for s in self.slots]
+        self.slots = []
+        self.labels_stale = [True, True]
+        for job in jobs:
+            job.error = error
+        return jobs
+
+
+class Scheduler:
+    """Slots over one executor. `submit` may be called from any thread; `iterate` (or `run`) from one."""
+
+    def __init__(self, executor: Executor, capacity: int | None = None):
+        manifest = executor.manifest
+        self.executor = executor
+        limit = manifest.max_batch(STEP.name)
+        self.capacity = min(capacity or limit, limit)
+        self.decode_batch = manifest.max_batch("decoder")
+        self.has_unguided = STEP_UNGUIDED.name in manifest.components
+        self.waiting = {True: collections.deque(), False: collections.deque()}   # by lane (guided or not), FIFO
+        self.lock = threading.Lock()
+        self._cancelled_waiting = False
+        self.num_groups = manifest.dims.num_tokens * manifest.dims.num_groups
+        self.noise_shape = (manifest.dims.num_tokens, manifest.dims.num_groups, 2)
+        self._plans: dict[SamplingSettings, list[StepParams]] = {}
+
+    def lane(self, guided: bool) -> Lane:
+        spec = STEP if guided or not self.has_unguided else STEP_UNGUIDED
+        key = (spec.name, self.capacity)
+        lanes = self.executor.lanes
+        if key not in lanes:
+            lanes[key] = Lane(self.executor, self.executor.manifest.spec(spec.name), self.capacity)
+        return lanes[key]
+
+    def lanes(self) -> list[Lane]:
+        return [lane for (_, capacity), lane in self.executor.lanes.items() if capacity == self.capacity]
+
+    @property
+    def occupied(self) -> int:
+        return sum(len(lane.slots) for lane in self.lanes())
+
+    @property
+    def queued(self) -> int:
+        return sum(map(len, self.waiting.values()))
+
+    def idle(self) -> bool:
+        return not self.queued and not self.occupied
+
+    def submit(self, jobs: Sequence[ImageJob]) -> None:
+        with self.lock:
+            for job in jobs:
+                self.waiting[self._guided(job)].append(job)
+
+    def cancel(self, job: ImageJob) -> None:
+        """Free the job's slot (or its place in the queue) at the next step boundary."""
+        with self.lock:
+            job.cancelled = True
+            self._cancelled_waiting = True
+
+    def _guided(self, job: ImageJob) -> bool:
+        return job.settings.uses_guidance or not self.has_unguided
+
+    def plan(self, settings: SamplingSettings) -> list[StepParams]:
+        if settings not in self._plans:
+            self._plans[settings] = settings.plan(self.num_groups)
+        return self._plans[settings]
+
+    # -- the iteration ------------------------------------------------------------------------------------------
+    def iterate(self) -> list[ImageJob]:
+        """Admit, step every non-empty lane once, retire; returns the jobs that ended (done, failed, cancelled)."""
+        ended = self._drop_cancelled() + self._admit()
+        for lane in self.lanes():
+            if not lane.slots:
+                continue
+            try:
+                lane.step()
+                ended += self._retire(lane)
+            except Exception as exc:  # a backend failure ends only the images it touched
+                ended += lane.fail(exc)
+        for job in ended:
+            job.done = True
+            if job.on_done is not None:
+                job.on_done(job)
+        return ended
+
+    def run(self, jobs: Sequence[ImageJob], on_iteration: Callable[[int], None] | None = None) -> None:
+        """Submit `jobs` (a few slots' worth ahead at a time, so a long list costs no more host memory than its
+        results) and iterate until all of them ended; raises the first failed job's error."""
+        mine, remaining, submitted, iteration = {id(job) for job in jobs}, len(jobs), 0, 0
+        while remaining:
+            if self.queued < 2 * self.capacity and submitted < len(jobs):
+                self.submit(jobs[submitted:submitted + 2 * self.capacity])
+                submitted += 2 * self.capacity
+            remaining -= sum(id(job) in mine for job in self.iterate())
+            if on_iteration is not None:
+                on_iteration(iteration)
+            iteration += 1
+        failed = next((job for job in jobs if job.error is not None), None)
+        if failed is not None:
+            raise failed.error
+
+    def _drop_cancelled(self) -> list[ImageJob]:
+        ended = []
+        with self.lock:
+            if self._cancelled_waiting:
+                for queue in self.waiting.values():
+                    ended += [job for job in queue if job.cancelled]
+                    kept = [job for job in queue if not job.cancelled]
+                    queue.clear()
+                    queue.extend(kept)
+                self._cancelled_waiting = False
+        for lane in self.lanes():
+            rows = [r for r, slot in enumerate(lane.slots) if slot.job.cancelled]
+            if rows:
+                ended += [lane.slots[r].job for r in rows]
+                lane.remove(rows)
+        return ended
+
+    def _admit(self) -> list[ImageJob]:
+        """FIFO per lane: the oldest waiting images go into free slots (an image of one lane never waits for
+        room in the other)."""
+        ended = []
+        for guided, queue in self.waiting.items():
+            pending: list[Slot] = []
+            lane = None
+            with self.lock:
+                while queue:
+                    job = queue[0]
+                    try:
+                        lane = lane or self.lane(guided)
+                    except Exception as exc:  # buffers that cannot be made: this image fails, the rest go on
+                        job.error = exc
+                        ended.append(queue.popleft())
+                        continue
+                    if not lane.fits(job, pending):
+                        break
+                    queue.popleft()
+                    pending.append(Slot(job, self.plan(job.settings), ImageNoise(job.seed, job.index,
+                                                                                 self.noise_shape)))
+            if pending:
+                lane.admit(pending)
+        return ended
+
+    def _retire(self, lane: Lane) -> list[ImageJob]:
+        """Decode rows that took their last step (and previews due now); free the finished rows."""
+        finished = [r for r, s in enumerate(lane.slots) if s.job.step >= s.job.num_steps]
+        previews = [r for r, s in enumerate(lane.slots) if s.job.preview_every and s.job.step < s.job.num_steps
+                    and s.job.step % s.job.preview_every == 0 and s.job.on_preview is not None]
+        for slot in lane.slots:
+            if slot.job.on_step is not None:
+                slot.job.on_step(slot.job)
+        rows = finished + previews
+        for start in range(0, len(rows), self.decode_batch):
+            part = rows[start:start + self.decode_batch]
+            finisher = self.executor.finisher(len(part))
+            copy_rows(lane.primitives, finisher.groups, lane.sampled, list(enumerate(part)))
+            images, indices = finisher.run()
+            for i, r in enumerate(part):
+                job = lane.slots[r].job
+                if r in finished:
+                    job.image, job.tokens = images[i], indices[i]
+                else:
+                    job.on_preview(job, images[i])
+        ended = [lane.slots[r].job for r in finished]
+        if finished:
+            lane.remove(finished)
+        return ended
