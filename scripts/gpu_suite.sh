@@ -177,6 +177,17 @@ install() {
     ln -s "$ROOT/maskbit" "$SHIM/lib/maskbit"
     ln -s "$ROOT/export" "$SHIM/lib/maskbit_export"
     ln -s "$ROOT/runtime" "$SHIM/lib/maskbit_runtime"
+    # the runtime finds the AOTInductor backend through its entry point (it never imports maskbit_export), so the
+    # shim carries the distribution's metadata with the entry points pyproject.toml declares
+    mkdir -p "$SHIM/lib/maskbit-0+shim.dist-info"
+    printf 'Metadata-Version: 2.1\nName: maskbit\nVersion: 0+shim\n' >"$SHIM/lib/maskbit-0+shim.dist-info/METADATA"
+    "$PYTHON" - "$ROOT/pyproject.toml" >"$SHIM/lib/maskbit-0+shim.dist-info/entry_points.txt" <<'PY'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+for group, entries in project.get("entry-points", {}).items():
+    print(f"[{group}]")
+    print("".join(f"{name} = {target}\n" for name, target in entries.items()))
+PY
     for pair in maskbit-run:maskbit_runtime.cli maskbit-export:maskbit_export.cli maskbit-train:maskbit.train.cli \
                 maskbit-eval:maskbit.evaluation.cli; do
         printf '#!/bin/sh\nexec "%s" -c "import sys; from %s import main; sys.argv[0] = \\"%s\\"; main()" "$@"\n' \
@@ -206,6 +217,11 @@ for name in dict.fromkeys(sys.argv[1:]):
         importlib.import_module(name)
     except Exception as exc:  # a missing or broken module: say which and why
         print(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+try:  # the runtime finds the AOTInductor backend by its entry point, which the install (or shim) must carry
+    from maskbit_runtime.backends import _registered
+    _registered("aoti")
+except Exception as exc:
+    print(f"the aoti backend entry point: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 EOF
 }
 
