@@ -1,0 +1,245 @@
+"""HTTP for the serving engine (FastAPI on uvicorn, extra `[serve]`): `create_app(pipeline)` and `serve(...)`.
+
+POST /v1/generate (JSON; `stream: true` answers Server-Sent Events), GET /v1/models, /healthz, /readyz, /metrics,
+/openapi.json and /docs (FastAPI's), / (a page for people). Errors are JSON `{"error": "<one line>"}`: 422 for a
+bad request (the field named), 413 for too many images or too large a body, 503 with Retry-After when the queue is
+full or the server drains, 504 when the request's deadline passed, 500 when the backend failed its images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import typing
+from pathlib import Path
+from typing import Literal
+
+from .errors import InputError, MissingDependencyError
+from .pipeline import Pipeline
+from .sampling import HELP, SamplingSettings
+from .serve import MAX_PREVIEWS, Engine, Overloaded, Request, TooLarge
+from .serve_encode import STATUS, encode_result, png_base64, result_json
+
+try:
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from pydantic import BaseModel, ConfigDict, Field, create_model
+except ImportError as exc:
+    raise MissingDependencyError(f"maskbit-run serve needs {exc.name}: pip install 'maskbit[serve]'") from None
+
+from .serve_metrics import Metrics  # noqa: E402  (after the guarded imports: it needs prometheus_client too)
+
+MAX_BODY = 1 << 20               # bytes of JSON per request
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    labels: list[int | str] = Field(min_length=1, description="One image per label: class indices or names")
+    seed: int = Field(0, description="Noise seed; image j uses the stream (seed, first_index + j)")
+    first_index: int = Field(0, description="Index of the first image's noise stream")
+    format: Literal["png", "grid_png", "npz", "tokens"] = Field(
+        "png", description="png: JSON with base64 PNGs; grid_png: one PNG (the image itself when there is one); "
+                           "npz: images, tokens, labels, indices; tokens: JSON token indices")
+    stream: bool = Field(False, description="Answer with Server-Sent Events: progress every step, previews, result")
+    preview_every: int = Field(0, description=f"Streamed preview every k steps (0: none; at most {MAX_PREVIEWS} "
+                                              "per image)")
+    timeout: float | None = Field(None, description="Deadline in seconds (at most the server's)")
+
+
+_TYPES = typing.get_type_hints(SamplingSettings)
+GenerateRequest = create_model(   # every sampling setting, unset = the bundle's default (one definition: sampling.py)
+    "GenerateRequest", __base__=_Request,
+    **{name: (_TYPES[name] | None, Field(None, description=HELP[name])) for name in SamplingSettings.fields()})
+
+
+def _error(status: int, text: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(text).split())}, status_code=status, headers=headers)
+
+
+def _field_error(error: dict) -> str:
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if error.get("type") == "json_invalid":
+        return f"malformed JSON: {error.get('ctx', {}).get('error', error.get('msg'))}"
+    return f"{'.'.join(loc) or 'body'}: {error.get('msg')}"
+
+
+class _BodyLimit:
+    """Refuse bodies whose Content-Length exceeds MAX_BODY before reading them (413)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope.get("headers", ())).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > MAX_BODY:
+                await _error(413, f"request body over {MAX_BODY} bytes")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(pipeline: Pipeline, backend: str = "ort", **engine_options) -> FastAPI:
+    """The app over one pipeline; the engine warms up and starts with the app (lifespan) and stops with it."""
+    metrics = Metrics()
+    engine = Engine(pipeline, observer=metrics, **engine_options)
+    metrics.bind(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await asyncio.to_thread(engine.start)
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="MaskBit", version="1", lifespan=lifespan,
+                  description="Class-conditional image generation with step-level batching across requests.")
+    app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(_BodyLimit)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        metrics.rejected("invalid")
+        return _error(422, _field_error(exc.errors()[0]) if exc.errors() else "invalid request")
+
+    @app.post("/v1/generate", summary="Generate one image per label", responses={
+        200: {"content": {"application/json": {}, "image/png": {}, "application/octet-stream": {},
+                          "text/event-stream": {}}},
+        413: {"description": "too many images"}, 422: {"description": "a bad field"},
+        503: {"description": "queue full or draining (Retry-After)"}, 504: {"description": "deadline passed"}})
+    async def generate(body: GenerateRequest, http: HTTPRequest):
+        if body.stream and body.format not in ("png", "tokens"):
+            metrics.rejected("invalid")
+            return _error(422, f"format: {body.format} cannot be streamed; use png or tokens")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        post = lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data))
+        sampling = {name: getattr(body, name) for name in SamplingSettings.fields()}
+        try:
+            labels = _labels(pipeline, body.labels)
+            request = engine.request(labels, body.seed, body.first_index, body.preview_every if body.stream else 0,
+                                     body.timeout, post, **sampling)
+            engine.submit(request)
+        except TooLarge as exc:
+            metrics.rejected("too_large")
+            return _error(413, str(exc))
+        except Overloaded as exc:
+            return _error(503, str(exc), {"Retry-After": str(exc.retry_after)})
+        except InputError as exc:
+            metrics.rejected("invalid")
+            return _error(422, str(exc))
+        if body.stream:
+            return StreamingResponse(_events(engine, request, events, body.format), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        ended = asyncio.ensure_future(_until_end(events))
+        gone = asyncio.ensure_future(_disconnect(http))
+        await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not ended.done():                     # the client left: free its slots at the next step
+            engine.cancel(request)
+            ended.cancel()
+            return Response(status_code=499)
+        gone.cancel()
+        if request.status != "done":
+            return _error(STATUS[request.status], request.error or request.status)
+        content, media = await asyncio.to_thread(encode_result, request, body.format, pipeline)
+        return Response(content, media_type=media, headers=_timing(request))
+
+    @app.get("/v1/models", summary="The bundle served: classes, sampling defaults, precision, backend, limits")
+    async def models():
+        m = pipeline.manifest
+        return {"object": "list", "data": [{
+            "id": m.name, "bundle": Path(m.root).name, "backend": backend,
+            "precision": m.components["step"].precision, "num_classes": m.num_classes,
+            "classes": list(m.class_names) if m.class_names else None, "image_size": m.dims.image_size,
+            "sampling": pipeline.sampling.to_dict(), "formats": ["png", "grid_png", "npz", "tokens"],
+            "limits": {"slots": engine.capacity, "max_images": engine.max_images, "max_queue": engine.max_queue,
+                       "request_timeout": engine.request_timeout, "max_previews": MAX_PREVIEWS}}]}
+
+    @app.get("/healthz", summary="The process answers")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Bundle loaded, warmed up and admitting requests")
+    async def readyz():
+        if not engine.ready or engine.draining:
+            return _error(503, "draining" if engine.draining else "warming up", {"Retry-After": "1"})
+        return {"status": "ready"}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        from .serve_page import page_html
+        return page_html(pipeline)
+
+    return app
+
+
+def _labels(pipeline: Pipeline, items: list[int | str]) -> list[int]:
+    from .labels import parse_labels
+    try:
+        return parse_labels(items, pipeline.num_classes, pipeline.class_names)
+    except InputError as exc:
+        raise InputError(f"labels: {exc}") from None
+
+
+def _timing(request: Request) -> dict[str, str]:
+    return {"X-Queued-Seconds": f"{request.queued_seconds:.4f}",
+            "X-Computing-Seconds": f"{request.computing_seconds:.4f}"}
+
+
+async def _until_end(events: asyncio.Queue) -> None:
+    while (await events.get())[0] != "end":
+        pass
+
+
+async def _disconnect(http: HTTPRequest) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _events(engine: Engine, request: Request, events: asyncio.Queue, format: str):
+    """progress (every step), preview (every k steps), then result or error; a client that leaves cancels."""
+    try:
+        while True:
+            kind, data = await events.get()
+            if kind == "progress":
+                yield _sse("progress", data)
+            elif kind == "preview":
+                png = await asyncio.to_thread(png_base64, data["pixels"])
+                yield _sse("preview", {"image": data["image"], "step": data["step"], "png": png})
+            elif kind == "end":
+                if request.status == "done":
+                    yield _sse("result", await asyncio.to_thread(result_json, request, format))
+                else:
+                    yield _sse("error", {"status": STATUS[request.status], "error": request.error})
+                return
+    finally:
+        engine.cancel(request)                   # no-op when it ended
+
+
+def serve(pipeline: Pipeline, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort", grace: float = 30.0,
+          log_level: str = "info", **engine_options) -> None:
+    """Serve until SIGTERM/SIGINT: admission stops at once (new requests 503, the listener closes), requests in
+    flight get `grace` seconds to finish, the rest end with 503."""
+    app = create_app(pipeline, backend, **engine_options)
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine.drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace,
+                            access_log=log_level == "debug")
+    Server(config).run()
