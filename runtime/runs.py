@@ -77,12 +77,15 @@ def run_shard(out: str | Path, spec: RunSpec, bundle: str | Path, *, shard: tupl
               batch_size: int | None = None, backend: str = "ort", ray_address: str | None = None,
               workers: int | None = None, gpus_per_worker: float = 0, png: bool = False,
               on_chunk: Callable[[int], None] | None = None, on_plan: Callable[[int], None] | None = None,
-              on_workers: Callable[[list[int]], None] | None = None) -> RunStats:
+              on_workers: Callable[[list[int]], None] | None = None, trust_native_code: bool = False,
+              trusted_hashes=None) -> RunStats:
     """Make this shard's missing or broken chunks (locally or on Ray), then merge if the whole run exists.
     No `shard` means the whole run. `on_plan(images to make)` is called once, `on_chunk(images)` after every
-    chunk written."""
+    chunk written. `trust_native_code`/`trusted_hashes`: see `maskbit_runtime.trust` (checked before anything
+    is written)."""
     if ray_address is None and workers not in (None, 1):
         raise InputError("--workers needs --ray; without Ray run one process per --shard i/n instead")
+    trust = _trust(backend, bundle, trust_native_code, trusted_hashes)
     if ray_address is not None:                 # fail fast: Ray missing or the address unreachable
         from .runs_ray import check_address
         check_address(ray_address)
@@ -101,17 +104,30 @@ def run_shard(out: str | Path, spec: RunSpec, bundle: str | Path, *, shard: tupl
     if todo and ray_address is not None:
         from .runs_ray import run_on_ray
         run_on_ray(out, spec, todo, bundle, stats, backend=backend, batch_size=batch_size, address=ray_address,
-                   workers=workers, gpus_per_worker=gpus_per_worker, on_chunk=on_chunk, on_workers=on_workers)
+                   workers=workers, gpus_per_worker=gpus_per_worker, on_chunk=on_chunk, on_workers=on_workers,
+                   options=trust)
     elif todo:
-        _run_here(out, spec, todo, bundle, stats, backend, batch_size, on_chunk)
+        _run_here(out, spec, todo, bundle, stats, backend, batch_size, on_chunk, trust)
     stats.missing = sum(not chunk_path(out, c).is_file() for c in range(spec.num_chunks))
     if stats.missing == 0:
         stats.samples = str(merge(out, spec, png=png))
     return stats
 
 
-def _run_here(out, spec, todo, bundle, stats, backend, batch_size, on_chunk) -> None:
-    with load_run_pipeline(bundle, spec, backend) as pipe:
+def _trust(backend: str, bundle, trust_native_code: bool, trusted_hashes) -> dict:
+    """The backend options that carry the user's trust, checked now against the bundle; an allow-list file is
+    read here, so workers on other machines get its hashes."""
+    from .manifest import Manifest
+    from .trust import NATIVE_FILES, check_native_code, read_trusted_hashes
+    if backend not in NATIVE_FILES:
+        return {}
+    check_native_code(backend, Manifest.load(bundle), trust_native_code, trusted_hashes)
+    hashes = None if trusted_hashes is None else sorted(read_trusted_hashes(trusted_hashes))
+    return {"trust_native_code": bool(trust_native_code), "trusted_hashes": hashes}
+
+
+def _run_here(out, spec, todo, bundle, stats, backend, batch_size, on_chunk, options) -> None:
+    with load_run_pipeline(bundle, spec, backend, **options) as pipe:
         start = time.perf_counter()
         for chunk, claim in claims(out, spec, todo):
             try:

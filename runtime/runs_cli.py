@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import DEMO_BUNDLE, backend_option, batch_option, bundle_option, one_line_errors
+from .cli_common import DEMO_BUNDLE, backend_option, batch_option, bundle_option, native_code_trust, one_line_errors
 from .errors import InputError
 
 
@@ -55,7 +55,8 @@ def sample_command(out, bundle, per_class, classes, labels, num_steps, guidance_
         stats = run_shard(out, spec, bundle_path, shard=shard_spec, batch_size=batch_size, backend=backend,
                     ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker, png=png,
                     on_chunk=lambda n: bars[0].update(n), on_plan=plan,
-                    on_workers=lambda pids: bars[0].reset(total=bars[0].total))   # rate without Ray's start-up
+                    on_workers=lambda pids: bars[0].reset(total=bars[0].total),   # rate without Ray's start-up
+                    **native_code_trust())
     finally:
         for bar in bars:
             bar.close()

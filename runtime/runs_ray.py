@@ -35,9 +35,11 @@ def require_ray():
 class ChunkWorker:
     """A Ray actor: one Pipeline, loaded once, making whole chunks."""
 
-    def __init__(self, bundle: str, spec_json: dict, backend: str, threads: int | None):
+    def __init__(self, bundle: str, spec_json: dict, backend: str, threads: int | None, options: dict | None = None):
         self.spec = RunSpec.from_json(spec_json, "run spec")
-        options = {"threads": threads} if threads and backend == "ort" else {}
+        options = dict(options or {})
+        if threads and backend == "ort":
+            options["threads"] = threads
         self.pipe = load_run_pipeline(bundle, self.spec, backend, **options)
 
     def pid(self) -> int:
@@ -98,14 +100,15 @@ def run_on_ray(out: str | Path, spec: RunSpec, todo: list[int], bundle: str | Pa
                backend: str = "ort", batch_size: int | None = None, address: str | None = None,
                workers: int | None = None, gpus_per_worker: float = 0, replacements: int | None = None,
                on_chunk: Callable[[int], None] | None = None,
-               on_workers: Callable[[list[int]], None] | None = None) -> None:
-    """Make chunks `todo` on a pool of Ray actors; `replacements` bounds how many dead actors are replaced."""
+               on_workers: Callable[[list[int]], None] | None = None, options: dict | None = None) -> None:
+    """Make chunks `todo` on a pool of Ray actors; `replacements` bounds how many dead actors are replaced;
+    `options` go to every worker's `Pipeline.load`."""
     ray = require_ray()
     started = connect(address)
     pool = None
     try:
         workers = workers or default_workers(ray, gpus_per_worker)
-        pool = _Pool(ray, str(Path(bundle).resolve()), spec, backend, gpus_per_worker, workers)
+        pool = _Pool(ray, str(Path(bundle).resolve()), spec, backend, gpus_per_worker, workers, options)
         pids = pool.start()
         if on_workers:
             on_workers(pids)
@@ -124,13 +127,14 @@ def run_on_ray(out: str | Path, spec: RunSpec, todo: list[int], bundle: str | Pa
 class _Pool:
     """Actors, the tasks in flight on each, and the replacement of dead ones."""
 
-    def __init__(self, ray, bundle: str, spec: RunSpec, backend: str, gpus: float, workers: int):
+    def __init__(self, ray, bundle: str, spec: RunSpec, backend: str, gpus: float, workers: int,
+                 options: dict | None = None):
         self.ray = ray
         self.spec = spec
         cpus = 0 if gpus else 1
         self.make = lambda: ray.remote(ChunkWorker).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(
-            bundle, spec.to_json(), backend, None if gpus else 1)
+            bundle, spec.to_json(), backend, None if gpus else 1, options)
         self.actors = [self.make() for _ in range(workers)]
         self.load = [0] * workers
         self.inflight = {}         # ObjectRef -> (slot, actor, chunk, claim)
