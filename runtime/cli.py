@@ -14,6 +14,7 @@ from .cli_common import (DEMO_BUNDLE, backend_option, batch_option, bundle_optio
 from .errors import InputError
 from .files import atomic_file
 from .runs_cli import sample_command
+from .specs import STEP
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +45,7 @@ def generate(bundle, labels, seed, batch_size, backend, out, **sampling):
     with open_pipeline(bundle, backend) as pipe:
         label_ids = parse_labels(labels.split(","), pipe.num_classes, pipe.class_names)
         settings = pipe.sampling.with_overrides(**sampling)
-        chunk = min(batch_size or pipe.manifest.max_batch("step"), pipe.manifest.max_batch("step"))
+        chunk = min(batch_size or pipe.manifest.max_batch(STEP.name), pipe.manifest.max_batch(STEP.name))
         total = settings.num_steps * -(-len(label_ids) // chunk)
         with tqdm(total=total, desc="unmasking", unit="step", file=sys.stderr, leave=False) as bar:
             result = pipe.generate(label_ids, seed=seed, batch_size=batch_size, on_step=lambda i: bar.update(),
@@ -157,3 +158,33 @@ def _load_images(paths, pipe) -> np.ndarray:
 def _save_npy(array: np.ndarray, out: Path) -> None:
     with atomic_file(out) as f:
         np.save(f, array)
+
+
+@main.command()
+@bundle_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port (0: any free port; the log says which).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Slots: images stepped together at most (default and upper limit: the bundle's max batch).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Images that may wait for a slot; beyond it requests get 503 with Retry-After.")
+@click.option("--max-images", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per request at most (more: 413).")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Deadline of a request in seconds, queued time included (a request may ask for less): 504.")
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM, seconds the requests in flight get to finish (new ones are refused at once).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="uvicorn's log level (debug also logs every request).")
+@backend_option
+@one_line_errors
+def serve(bundle, host, port, max_batch, max_queue, max_images, request_timeout, grace, log_level, backend):
+    """Serve the bundle over HTTP: POST /v1/generate (JSON or Server-Sent Events), /v1/models, /healthz, /readyz,
+    /metrics, /docs. Images of all requests share steps (step-level batching) and equal `generate`'s byte for byte.
+    Needs the extra [serve]."""
+    from .serve_app import serve as run_server
+    with open_pipeline(bundle, backend) as pipe:
+        run_server(pipe, host=host, port=port, backend=backend, grace=grace, log_level=log_level,
+                   max_batch=max_batch, max_queue=max_queue, max_images=max_images, request_timeout=request_timeout)
