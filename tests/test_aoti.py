@@ -80,7 +80,7 @@ def test_manifest_records_packages_torch_and_device(bundle):
 def test_generation_equals_eager_token_for_token(bundle, models):
     tok, gen = models
     eager = maskbit.generate(tok, gen, labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)
-    with Pipeline.load(bundle, backend="aoti") as pipe:       # max batch 2: batches of 2 and 1
+    with Pipeline.load(bundle, backend="aoti", trust_native_code=True) as pipe:       # max batch 2: batches of 2 and 1
         out = pipe.generate(labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)
         assert pipe.info()["runtime"]["backend"] == "aoti"
         assert pipe.info()["runtime"]["host_syncs"].startswith("none: on the CPU")
@@ -92,7 +92,7 @@ def test_generation_equals_eager_token_for_token(bundle, models):
 def test_guidance_zero_runs_the_unguided_package(bundle, models):
     tok, gen = models
     eager = maskbit.generate(tok, gen, labels=LABELS, num_steps=STEPS, guidance_scale=0.0, seed=3)
-    with Pipeline.load(bundle, backend="aoti") as pipe:
+    with Pipeline.load(bundle, backend="aoti", trust_native_code=True) as pipe:
         out = pipe.generate(labels=LABELS, num_steps=STEPS, guidance_scale=0.0, seed=3)
         loaded = set(pipe.backend.primitives._packages)
     np.testing.assert_array_equal(out.tokens, eager.tokens)
@@ -101,7 +101,7 @@ def test_guidance_zero_runs_the_unguided_package(bundle, models):
 
 def test_encode_and_decode_match_onnx_runtime(bundle):
     images = np.random.default_rng(5).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    with Pipeline.load(bundle, backend="aoti") as aoti, Pipeline.load(bundle, backend="ort") as ort:
+    with Pipeline.load(bundle, backend="aoti", trust_native_code=True) as aoti, Pipeline.load(bundle, backend="ort") as ort:
         indices = aoti.encode(images)
         mismatch = (indices != ort.encode(images)).mean()
         decoded, reference = aoti.decode(indices), ort.decode(indices)
@@ -111,7 +111,7 @@ def test_encode_and_decode_match_onnx_runtime(bundle):
 
 
 def test_cli_generates_with_the_aoti_backend(bundle, models, tmp_path):
-    result = subprocess.run(["maskbit-run", "generate", "--bundle", str(bundle), "--backend", "aoti", "--labels",
+    result = subprocess.run(["maskbit-run", "generate", "--bundle", str(bundle), "--backend", "aoti", "--trust-native-code", "--labels",
                              "1,7", "--num-steps", str(STEPS), "--guidance-scale", "3", "--seed", "11",
                              "--out", str(tmp_path / "imgs")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -139,9 +139,9 @@ def test_a_tampered_package_is_refused_in_one_line(bundle, tmp_path):
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with Pipeline.load(copy, backend="aoti") as pipe, pytest.raises(BundleError, match="does not match its sha256"):
+    with Pipeline.load(copy, backend="aoti", trust_native_code=True) as pipe, pytest.raises(BundleError, match="does not match its sha256"):
         pipe.generate(labels=[1], num_steps=2)
-    result = CliRunner().invoke(run_cli, ["generate", "--bundle", str(copy), "--backend", "aoti", "--labels", "1",
+    result = CliRunner().invoke(run_cli, ["generate", "--bundle", str(copy), "--backend", "aoti", "--trust-native-code", "--labels", "1",
                                           "--num-steps", "2", "--out", str(tmp_path / "x.png")])
     lines = [line for line in re.split(r"[\r\n]", result.output) if line.strip()]   # after the progress bar
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -156,7 +156,7 @@ def test_packages_for_another_torch_or_device_are_refused(bundle, tmp_path, chan
     copy = _copy(bundle, tmp_path)
     _edit_manifest(copy, "decoder", **changes)
     with pytest.raises(BackendError, match="rebuild with maskbit-export build-engines --backend aoti") as error:
-        Pipeline.load(copy, backend="aoti", **options)
+        Pipeline.load(copy, backend="aoti", trust_native_code=True, **options)
     assert expected in str(error.value) and len(str(error.value).splitlines()) == 1
 
 
@@ -164,7 +164,7 @@ def test_a_package_of_another_component_is_refused(bundle, tmp_path):
     copy = _copy(bundle, tmp_path)
     shutil.copyfile(copy / "combine.pt2", copy / "decoder.pt2")
     _edit_manifest(copy, "decoder", package_sha256=sha256_file(copy / "decoder.pt2"))
-    with Pipeline.load(copy, backend="aoti") as pipe, pytest.raises(BackendError, match="holds component 'combine'"):
+    with Pipeline.load(copy, backend="aoti", trust_native_code=True) as pipe, pytest.raises(BackendError, match="holds component 'combine'"):
         pipe.decode(np.zeros((1, 8, 8), np.int64))
 
 
@@ -186,7 +186,7 @@ def test_an_onnx_only_bundle_says_how_to_build_packages(bundle, tmp_path):
             entry.pop(key)
     (copy / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(BackendError, match="no AOTInductor package for encoder, decoder, step, step_unguided, combine"):
-        Pipeline.load(copy, backend="aoti")
+        Pipeline.load(copy, backend="aoti", trust_native_code=True)
 
 
 def test_bf16_transformer_meets_the_distribution_gate(models, tmp_path):
@@ -212,7 +212,7 @@ def test_bf16_bundle_generates_valid_tokens(models, tmp_path):
     tok, gen = models
     build_bundle(tmp_path / "b", tok, gen, options=ExportOptions(max_batch=2, verify=False))
     build_aoti(tmp_path / "b", tok, gen, precision="bf16")
-    with Pipeline.load(tmp_path / "b", backend="aoti") as pipe:
+    with Pipeline.load(tmp_path / "b", backend="aoti", trust_native_code=True) as pipe:
         out = pipe.generate(labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)
     assert out.tokens.min() >= 0 and out.tokens.max() < tok.config.codebook_size
 
@@ -289,7 +289,7 @@ def test_cuda_packages_equal_eager_on_cuda(cuda_bundle, cuda_graphs):
     from aoti_cuda import cuda_models
     tok, gen = cuda_models()
     eager = maskbit.generate(tok, gen, labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)
-    with Pipeline.load(cuda_bundle, backend="aoti", cuda_graphs=cuda_graphs) as pipe:
+    with Pipeline.load(cuda_bundle, backend="aoti", trust_native_code=True, cuda_graphs=cuda_graphs) as pipe:
         assert pipe.info()["runtime"]["device"].startswith("cuda")
         out = pipe.generate(labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)
         again = pipe.generate(labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)   # replays the graphs

@@ -124,7 +124,7 @@ def test_aoti_cuda_generation_uploads_once_and_counts_every_host_wait(aoti_cuda,
     from maskbit_runtime import Pipeline
     root, tok, gen = aoti_cuda
     eager = maskbit.generate(tok, gen, labels=[1, 7, 3], num_steps=6, guidance_scale=3.0, seed=11)
-    with Pipeline.load(root, backend="aoti", cuda_graphs=cuda_graphs) as pipe:
+    with Pipeline.load(root, backend="aoti", trust_native_code=True, cuda_graphs=cuda_graphs) as pipe:
         packages, loaded = pipe.backend.primitives._packages, 0
         for steps in (6, 6, 9):
             out = pipe.generate(labels=[1, 7, 3], num_steps=steps, guidance_scale=3.0, seed=11)

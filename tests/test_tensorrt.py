@@ -119,9 +119,9 @@ def test_engine_precision_needs_the_tensorrt_backend(models, tmp_path):
 def test_tensorrt_backend_without_tensorrt_names_the_extra(cli_run):
     out, _ = cli_run
     with pytest.raises(BackendError, match=r"pip install 'maskbit\[tensorrt\]'"):
-        open_backend("tensorrt", Manifest.load(out))
+        open_backend("tensorrt", Manifest.load(out), trust_native_code=True)
     with pytest.raises(BackendError, match=r"maskbit\[tensorrt\]"):
-        Pipeline.load(out, backend="tensorrt")
+        Pipeline.load(out, backend="tensorrt", trust_native_code=True)
 
 
 def _fake_manifest(bundle, **engine_fields) -> Manifest:
@@ -218,7 +218,7 @@ class TestTensorRT:
             assert entry.tensorrt_version and entry.gpu["compute_capability"]
 
     def test_generation_matches_eager_tokens(self, trt_bundle, eager):
-        with Pipeline.load(trt_bundle, backend="tensorrt") as pipe:
+        with Pipeline.load(trt_bundle, backend="tensorrt", trust_native_code=True) as pipe:
             out = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
             assert pipe.info()["runtime"]["backend"] == "tensorrt"
         np.testing.assert_array_equal(out.tokens, eager.tokens)
@@ -227,14 +227,14 @@ class TestTensorRT:
     def test_graphs_replay_staged_steps_with_one_host_sync(self, trt_bundle, eager):
         """The step runs as two CUDA graphs (one per parity); each generation uploads its inputs once and waits
         once; without graphs the tokens are the same."""
-        with Pipeline.load(trt_bundle, backend="tensorrt") as pipe:
+        with Pipeline.load(trt_bundle, backend="tensorrt", trust_native_code=True) as pipe:
             for _ in range(2):
                 out = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
                 np.testing.assert_array_equal(out.tokens, eager.tokens)
                 assert pipe.last_transfers == Transfers(7, 2, 5 * STEPS, 1)
             assert pipe.info()["runtime"]["cuda_graphs"] == "on"
             assert len(pipe.backend.primitives.engine("step").graphs.graphs) == 2
-        with Pipeline.load(trt_bundle, backend="tensorrt", cuda_graphs=False) as pipe:
+        with Pipeline.load(trt_bundle, backend="tensorrt", trust_native_code=True, cuda_graphs=False) as pipe:
             out = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
             assert pipe.last_transfers == Transfers(7, 2, 0, 1)
         np.testing.assert_array_equal(out.tokens, eager.tokens)
@@ -243,14 +243,14 @@ class TestTensorRT:
         tok, gen = models
         labels = [1, 2, 3, 4, 5, 6]                      # profile max is 4: chunks of 4 and 2
         expected = maskbit.generate(tok, gen, labels=labels, seed=0, num_steps=STEPS).tokens
-        with Pipeline.load(trt_bundle, backend="tensorrt") as pipe:
+        with Pipeline.load(trt_bundle, backend="tensorrt", trust_native_code=True) as pipe:
             tokens = pipe.generate(labels=labels, seed=0, num_steps=STEPS).tokens
             assert sorted(batch for _, batch in pipe.backend._steppers) == [2, 4]
         np.testing.assert_array_equal(tokens, expected)
 
     def test_encode_and_decode_match_onnx_runtime(self, trt_bundle, eager):
         with Pipeline.load(trt_bundle, backend="ort", providers=["CPUExecutionProvider"]) as ort_pipe, \
-                Pipeline.load(trt_bundle, backend="tensorrt") as trt_pipe:
+                Pipeline.load(trt_bundle, backend="tensorrt", trust_native_code=True) as trt_pipe:
             images_ort, images_trt = ort_pipe.decode(eager.tokens), trt_pipe.decode(eager.tokens)
             assert np.abs(images_ort.astype(np.int16) - images_trt.astype(np.int16)).max() <= 1
             indices_ort, indices_trt = ort_pipe.encode(images_ort), trt_pipe.encode(images_ort)
@@ -264,7 +264,7 @@ class TestTensorRT:
         (copy / "manifest.json").write_text(json.dumps(data))
         with pytest.raises(BackendError, match=r"engine step.engine was built for GPU Imaginary GPU 9000 .* "
                                                r"rebuild with maskbit-export build-engines --backend tensorrt"):
-            Pipeline.load(copy, backend="tensorrt")
+            Pipeline.load(copy, backend="tensorrt", trust_native_code=True)
 
 
 @pytest.mark.gpu
@@ -323,7 +323,7 @@ def test_reduced_precision_engines_pass_the_distribution_gate(models, tmp_path, 
     assert result.exit_code == 0, result.output + result.stderr
     manifest = Manifest.load(out)
     assert manifest.components["step"].engine_precision == precision
-    with Pipeline.load(out, backend="tensorrt") as pipe:
+    with Pipeline.load(out, backend="tensorrt", trust_native_code=True) as pipe:
         report = _gate(models, _engine_logits(pipe), precision)
         tokens = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS).tokens
     assert report["passed"], report
