@@ -60,11 +60,19 @@ def import_ort():
         raise BackendError(f"both {' and '.join(clash)} are installed; they write the same files, so neither is "
                            f"intact: pip uninstall -y {' '.join(clash)} && pip install onnxruntime-gpu (CUDA) or "
                            f"onnxruntime (CPU)")
+    # No telemetry: ONNX Runtime 1.32 creates ~/.cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid,
+    # onnxruntime.db} when its environment starts (the first session) unless ORT_DISABLE_TELEMETRY is set then
+    # (found in its binary; "0" leaves it on); ORT_TELEMETRY_DISABLED is the name of later versions (PR #29843).
+    # disable_telemetry_events() alone comes too late for the device id, so both.
+    import os
+    os.environ["ORT_DISABLE_TELEMETRY"] = os.environ["ORT_TELEMETRY_DISABLED"] = "1"
     try:
         import onnxruntime
     except ImportError:
         raise MissingDependencyError("the ONNX Runtime backend needs onnxruntime: pip install onnxruntime "
                                      "(or onnxruntime-gpu instead of it, for CUDA)") from None
+    if hasattr(onnxruntime, "disable_telemetry_events"):
+        onnxruntime.disable_telemetry_events()
     return onnxruntime
 
 
