@@ -24,7 +24,11 @@ loads it from this package, and torch only then.
 
 from __future__ import annotations
 
+import os
+import shutil
+import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +43,7 @@ PACKAGE_KEYS = ("package", "package_sha256", "package_precision", "package_devic
 REBUILD = "rebuild with maskbit-export build-engines --backend aoti"
 RUNTIME_COMPONENTS = DEFAULT_COMPONENTS      # what the runtime executes (the transformer serves studies)
 COMPONENT_KEY = "maskbit_component"     # package metadata written by maskbit_export.aoti
+EXTRACTED_PREFIX = "aotinductor_"       # the package loader's folder in the temporary directory
 CPU_SYNCS = "none: on the CPU nothing runs asynchronously"
 CUDA_SYNCS = ("the host's waits per generation: the download's stream synchronization, an upload from pageable "
               "memory, a staging buffer whose last copy is still in flight, the first call of each loaded package "
@@ -79,6 +84,36 @@ def default_device(manifest: Manifest) -> str:
     return devices[0] if devices else "cpu"
 
 
+def temp_root() -> Path:
+    """Where the package loader extracts packages: C++ `std::filesystem::temp_directory_path()`'s choice."""
+    for name in ("TMPDIR", "TMP", "TEMP", "TEMPDIR"):
+        if os.environ.get(name):
+            return Path(os.environ[name])
+    return Path("/tmp")
+
+
+def extracted_folders() -> set[str]:
+    try:
+        return {p.name for p in temp_root().glob(f"{EXTRACTED_PREFIX}*")}
+    except OSError:
+        return set()
+
+
+def remove_failed_extractions(before: set[str], package: Path) -> None:
+    """Remove the folders a failed load extracted `package` into (the loader removes its folder when a loaded
+    package is freed, never when loading fails): folders new since `before` that hold this package's top-level
+    folder, so another process's extraction of another package is left alone."""
+    try:
+        with zipfile.ZipFile(package) as zf:
+            tops = {name.split("/", 1)[0] for name in zf.namelist() if "/" in name}
+    except (OSError, zipfile.BadZipFile):
+        tops = set()
+    for name in extracted_folders() - before:
+        folder = temp_root() / name
+        if tops and any((folder / top).is_dir() for top in tops):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class AotiPrimitives:
     name = "aoti"
 
@@ -104,11 +139,13 @@ class AotiPrimitives:
     def package(self, component: str):
         if component not in self._packages:
             path = self.manifest.file(component, "package")        # confined and hash-checked first
+            before = extracted_folders()
             try:
                 runner = self.torch._inductor.aoti_load_package(
                     str(path), run_single_threaded=self.single_threaded,
                     device_index=(self.device.index or 0) if self.device.type == "cuda" else -1)
             except Exception as exc:  # the loader raises RuntimeError with a C++ message
+                remove_failed_extractions(before, path)
                 raise BackendError(f"AOTInductor cannot load {path.name}: {str(exc).splitlines()[0]}; "
                                    f"{REBUILD}") from None
             found = runner.get_metadata().get(COMPONENT_KEY)
