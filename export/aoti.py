@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from maskbit_runtime.errors import InputError, MaskbitError
+from maskbit_runtime.files import StagedFiles
 from maskbit_runtime.manifest import Manifest, sha256_file
-from maskbit_runtime.specs import COMPONENTS, ComponentSpec, Dims
+from maskbit_runtime.specs import COMPONENTS, TRANSFORMER, ComponentSpec, Dims
 from torch import nn
 
 from maskbit.generator import Generator
@@ -44,7 +43,6 @@ from .tolerances import tolerance
 from .verify import VerificationError, compare
 
 PRECISIONS = ("fp32", "bf16")
-TRANSFORMER_COMPONENTS = ("step", "step_unguided", "transformer")   # the ones bf16 changes
 
 
 class AotiBuildError(MaskbitError, RuntimeError):
@@ -72,8 +70,8 @@ def aoti_module(name: str, tokenizer: Tokenizer, generator: Generator | None, de
     module = graph_module(name, tokenizer, generator)
     if device != "cpu":
         module = copy.deepcopy(module)
-    if precision == "bf16" and name in TRANSFORMER_COMPONENTS:
-        if name == "transformer":
+    if precision == "bf16" and COMPONENTS[name].generator_precision:
+        if name == TRANSFORMER.name:
             module = AutocastLogits(module, device)
         else:
             module.generator = AutocastLogits(module.generator, device)
@@ -173,20 +171,20 @@ def build_aoti(bundle_dir: str | Path, tokenizer: Tokenizer, generator: Generato
     unknown = [n for n in names if n not in manifest.components]
     if unknown:
         raise InputError(f"bundle {manifest.root} has no component(s) {', '.join(unknown)}")
-    root, tag = manifest.root, uuid.uuid4().hex[:8]
+    root = manifest.root
     codebook, classes = manifest.codebook_size, manifest.num_classes or 1000
-    built: dict[str, tuple[Path, str]] = {}
-    try:
+    built: dict[str, str] = {}
+    with StagedFiles() as staged:
         for name in names:
-            entry, spec = manifest.components[name], COMPONENTS[name]
+            entry, spec = manifest.components[name], manifest.spec(name)
             module, effective = aoti_module(name, tokenizer, generator, device, precision)
             progress(f"compiling AOTInductor package {name} ({effective}, {device})")
-            tmp = root / f".{name}.partial-{tag}.pt2"
-            built[name] = tmp, effective
+            tmp = staged.path(root / f"{name}.pt2")
+            built[name] = effective
             compile_package(module, spec, manifest.dims, entry.batch_profile.max, device, tmp, codebook, classes)
             if verify and effective == "fp32":
                 check_package(tmp, module, spec, manifest.dims, entry.batch_profile.max, device, codebook, classes)
-            elif verify and name == "transformer" and entry.batch_profile.max >= 2:   # runs a doubled batch
+            elif verify and name == TRANSFORMER.name and entry.batch_profile.max >= 2:   # runs a doubled batch
                 report = bf16_gate(tmp, generator, device, entry.batch_profile.max)
                 if not report["passed"]:
                     raise VerificationError(f"the bf16 transformer package fails the distribution gate: {report}")
@@ -194,16 +192,12 @@ def build_aoti(bundle_dir: str | Path, tokenizer: Tokenizer, generator: Generato
                        for n, e in manifest.components.items()}
         if any(manifest.components[n].package for n in built):
             manifest.replace(components=components_).write(root)    # package-free while the files are swapped
-        for name, (tmp, effective) in built.items():
-            path = root / f"{name}.pt2"
-            os.replace(tmp, path)
+        for name, effective in built.items():
+            path = staged.commit(root / f"{name}.pt2")
             components_[name] = dataclasses.replace(
                 components_[name], package=path.name, package_sha256=sha256_file(path), package_precision=effective,
                 package_device=device, torch_version=torch.__version__)
         manifest.replace(components=components_).write(root)
-    finally:
-        for tmp, _ in built.values():
-            tmp.unlink(missing_ok=True)
     missing = [n for n in RUNTIME_COMPONENTS if n in manifest.components and n not in built
                and not manifest.components[n].package]
     progress(f"wrote {len(built)} AOTInductor packages for {device} (torch {torch.__version__})"

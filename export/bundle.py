@@ -149,8 +149,9 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
                 manifest = manifest.replace(verification=report)
             if gate_only:
                 manifest = manifest.replace(components={k: v for k, v in manifest.components.items()
-                                                        if k != "transformer"})
-                (tmp / COMPONENTS["transformer"].file).unlink()
+                                                        if COMPONENTS[k].run_by_runtime})
+                for name in OPTIONAL_COMPONENTS:
+                    (tmp / COMPONENTS[name].file).unlink(missing_ok=True)
             manifest.replace(complete=True).write()
     return Manifest.load(out)
 

@@ -71,21 +71,21 @@ def dims_of(tokenizer: Tokenizer, generator: Generator | None) -> Dims:
 
 def graph_module(name: str, tokenizer: Tokenizer, generator: Generator | None, precision: str = "fp32") -> nn.Module:
     """The module exported as component `name`; at fp16/bf16 the generator graphs run a `CastGenerator`."""
-    if name == "encoder":
+    if name == specs.ENCODER.name:
         return EncoderGraph(tokenizer).eval()
-    if name == "decoder":
+    if name == specs.DECODER.name:
         return DecoderGraph(tokenizer).eval()
     if generator is None:
         raise ValueError(f"component {name!r} needs a generator")
     if precision in CAST_PRECISIONS and name in GENERATOR_COMPONENTS:
         generator = CastGenerator(generator, precision)
-    if name == "step":
+    if name == specs.STEP.name:
         return GenerationStep(generator).eval()
-    if name == "step_unguided":
+    if name == specs.STEP_UNGUIDED.name:
         return GenerationStep(generator, guidance=False).eval()
-    if name == "transformer":
+    if name == specs.TRANSFORMER.name:
         return generator.eval()
-    if name == "combine":
+    if name == specs.COMBINE.name:
         return CombineGraph(generator.config.num_bits, tokenizer.config.latent_size).eval()
     raise ValueError(f"unknown component {name!r}")
 

@@ -28,8 +28,6 @@ replaced, never trusted).
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +35,8 @@ from maskbit_runtime.backends.cuda import gpu_info
 from maskbit_runtime.backends.tensorrt import collecting_logger, import_tensorrt
 from maskbit_runtime.manifest import BatchProfile, Manifest, sha256_file
 from maskbit_runtime.errors import InputError, MaskbitError
-from maskbit_runtime.specs import COMPONENTS, ComponentSpec, Dims
+from maskbit_runtime.files import StagedFiles, atomic_write_bytes
+from maskbit_runtime.specs import ComponentSpec, Dims
 
 from .graphs import GENERATOR_COMPONENTS
 
@@ -142,32 +141,27 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb:
     gpu = gpu_info(0)
     logger = collecting_logger(trt)
     builder = trt.Builder(logger)
-    root, tag = manifest.root, uuid.uuid4().hex[:8]
+    root = manifest.root
     plans: dict[str, Path] = {}
     cache = _load_timing_cache(trt, builder, root / TIMING_CACHE, progress)
-    try:
+    with StagedFiles() as staged:
         for name, entry in manifest.components.items():
             progress(f"building TensorRT engine {name} ({precisions[name]})")
-            plan = _build_plan(trt, builder, logger, manifest.file(name), COMPONENTS[name], manifest.dims,
+            plan = _build_plan(trt, builder, logger, manifest.file(name), manifest.spec(name), manifest.dims,
                                entry.batch_profile, precisions[name], workspace_gb, cache)
-            plans[name] = root / f".{name}.engine.partial-{tag}"
-            with open(plans[name], "wb") as f:
-                f.write(plan)
+            plans[name] = root / f"{name}.engine"
+            staged.path(plans[name]).write_bytes(plan)
         components = {name: dataclasses.replace(entry, **dict.fromkeys(ENGINE_KEYS))
                       for name, entry in manifest.components.items()}
         if any(entry.engine for entry in manifest.components.values()):
             manifest.replace(components=components).write(root)   # ONNX-only while the engine files are swapped
-        for name, tmp in plans.items():
-            path = root / f"{name}.engine"
-            os.replace(tmp, path)
+        for name, path in plans.items():
+            staged.commit(path)
             components[name] = dataclasses.replace(
                 components[name], engine=path.name, engine_sha256=sha256_file(path), engine_precision=precisions[name],
                 tensorrt_version=trt.__version__, gpu={k: str(gpu[k]) for k in ("name", "compute_capability")})
         manifest.replace(components=components).write(root)
-        _save_timing_cache(cache, root / TIMING_CACHE, tag)
-    finally:
-        for tmp in plans.values():
-            tmp.unlink(missing_ok=True)
+        atomic_write_bytes(root / TIMING_CACHE, bytes(memoryview(cache.serialize())))
     progress(f"wrote {len(plans)} TensorRT engines for {gpu['name']} (TensorRT {trt.__version__})")
     return Manifest.load(root)
 
@@ -188,17 +182,6 @@ def _load_timing_cache(trt, builder, path: Path, progress: Callable[[str], None]
         progress(f"ignoring {path.name}: it was written for another GPU or TensorRT version; timing from scratch")
         cache = config.create_timing_cache(b"")
     return cache
-
-
-def _save_timing_cache(cache, path: Path, tag: str) -> None:
-    """Write the (grown) timing cache beside the manifest, atomically; a symlink there is not followed."""
-    tmp = path.with_name(f".{path.name}.partial-{tag}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(cache.serialize()))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _parser_error(error) -> str:

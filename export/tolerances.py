@@ -15,28 +15,32 @@ recorded, not gated, and so is the teacher-forced agreement of sampled groups.
 
 from __future__ import annotations
 
+from maskbit_runtime.specs import COMBINE, DECODER, ENCODER, STEP, STEP_UNGUIDED, TRANSFORMER
+
+GENERATION = "generation"        # a whole seeded generation's tokens
+
 # int8, fp16 and bf16 catch gross errors only (the distribution gate decides). Measured on the demo model (|logits|
 # up to 7): the fp16 graph in ONNX Runtime differs from its eager module by at most 0.012, the bf16 graph (emulated,
 # cast.py) by 0.22; the eager cast modules differ from float32 by 0.012 and 0.088
 _REDUCED = {
-    "encoder": {"max_mismatch_fraction": 1e-3},          # the tokenizer stays float32
-    "decoder": {"max_abs": 1, "max_mismatch_fraction": 0.02},
-    "transformer": {"atol": 0.5, "rtol": 0.1},
-    "step": {"max_mismatch_fraction": 0.25},
-    "step_unguided": {"max_mismatch_fraction": 0.25},
-    "combine": {"max_mismatch_fraction": 0.0},
-    "generation": {"max_mismatch_fraction": 1.0},
+    ENCODER.name: {"max_mismatch_fraction": 1e-3},          # the tokenizer stays float32
+    DECODER.name: {"max_abs": 1, "max_mismatch_fraction": 0.02},
+    TRANSFORMER.name: {"atol": 0.5, "rtol": 0.1},
+    STEP.name: {"max_mismatch_fraction": 0.25},
+    STEP_UNGUIDED.name: {"max_mismatch_fraction": 0.25},
+    COMBINE.name: {"max_mismatch_fraction": 0.0},
+    GENERATION: {"max_mismatch_fraction": 1.0},
 }
 
 TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
     "fp32": {
-        "encoder": {"max_mismatch_fraction": 1e-3},
-        "decoder": {"max_abs": 1, "max_mismatch_fraction": 0.02},
-        "transformer": {"atol": 1e-4, "rtol": 1e-3},
-        "step": {"max_mismatch_fraction": 1e-3},
-        "step_unguided": {"max_mismatch_fraction": 1e-3},
-        "combine": {"max_mismatch_fraction": 0.0},
-        "generation": {"max_mismatch_fraction": 0.0},
+        ENCODER.name: {"max_mismatch_fraction": 1e-3},
+        DECODER.name: {"max_abs": 1, "max_mismatch_fraction": 0.02},
+        TRANSFORMER.name: {"atol": 1e-4, "rtol": 1e-3},
+        STEP.name: {"max_mismatch_fraction": 1e-3},
+        STEP_UNGUIDED.name: {"max_mismatch_fraction": 1e-3},
+        COMBINE.name: {"max_mismatch_fraction": 0.0},
+        GENERATION: {"max_mismatch_fraction": 0.0},
     },
     "int8": _REDUCED,
     "fp16": _REDUCED,

@@ -11,7 +11,7 @@ import torch
 from maskbit_runtime.errors import MaskbitError
 from maskbit_runtime.machine import cpu_info
 from maskbit_runtime.specs import (COMPONENTS, DROP_LABEL_MASK, LABELS, LOGITS, NEXT_TOKENS, NOISE, SAMPLED, STEP,
-                                   STEP_SETTINGS, TOKENS, ComponentSpec, Dims)
+                                   STEP_SETTINGS, TOKENS, TRANSFORMER, ComponentSpec, Dims)
 from maskbit_runtime.tokens import combine_groups
 from torch import nn
 
@@ -188,7 +188,7 @@ def _gate_plan(generator: Generator):
 def _verify_agreement(root: Path, generator: Generator, labels: list[int], precision: str) -> dict:
     """Teacher-forced agreement of sampled groups with the float32 step (a reported figure, see quality.py)."""
     from maskbit_runtime.backends.ort import import_ort
-    session = cpu_session(import_ort(), root / COMPONENTS["step"].file)
+    session = cpu_session(import_ort(), root / STEP.file)
     return teacher_forced_agreement(GenerationStep(generator).eval(), session, labels, _gate_plan(generator), 4321)
 
 
@@ -227,5 +227,5 @@ def distribution_report(generator: Generator, candidate, labels: list[int], plan
 def _verify_distribution(root: Path, generator: Generator, labels: list[int], precision: str) -> dict:
     """The reduced-precision gate on the exported transformer graph (same weights and quantization as the step)."""
     from maskbit_runtime.backends.ort import import_ort
-    session = cpu_session(import_ort(), root / COMPONENTS["transformer"].file)
+    session = cpu_session(import_ort(), root / TRANSFORMER.file)
     return distribution_report(generator, session_logits(session), labels, _gate_plan(generator), precision)

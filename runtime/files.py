@@ -145,6 +145,37 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator
         raise
 
 
+class StagedFiles:
+    """Several files built under unique temporary names and renamed into place one by one once all of them exist
+    (`with StagedFiles() as staged: tmp = staged.path(target) ... staged.commit(target)`); whatever was not
+    committed is removed when the block ends."""
+
+    def __init__(self):
+        self._pending: dict[Path, Path] = {}
+
+    def path(self, target: str | os.PathLike) -> Path:
+        target = Path(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{TMP_SUFFIX}{target.suffix}", dir=target.parent)
+        os.close(fd)
+        self._pending[target] = Path(tmp)
+        return Path(tmp)
+
+    def commit(self, target: str | os.PathLike) -> Path:
+        target = Path(target)
+        tmp = self._pending.pop(target)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, target)
+        return target
+
+    def __enter__(self) -> StagedFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for tmp in self._pending.values():
+            tmp.unlink(missing_ok=True)
+        self._pending.clear()
+
+
 def remove_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders writers of `path` left behind (a killed process). Call it only
     while holding the lock that makes you the one writer of `path`."""

@@ -12,17 +12,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import MaskbitError
+from .files import atomic_write_json
 from .sampling import SamplingError, SamplingSettings
-from .specs import BATCH, ComponentSpec, Dims, components_for
+from .specs import BATCH, STEP, ComponentSpec, Dims, components_for
 
 FORMAT = "maskbit-bundle"
 FORMAT_VERSION = 3
@@ -118,7 +117,7 @@ class Manifest:
     # -- derived ---------------------------------------------------------------------------------------------
     @property
     def has_generator(self) -> bool:
-        return "step" in self.components
+        return STEP.name in self.components
 
     def component(self, name: str) -> ComponentEntry:
         if name not in self.components:
@@ -181,28 +180,11 @@ class Manifest:
         return {"format": FORMAT, **data}
 
     def write(self, root: str | Path | None = None) -> Path:
-        """Write manifest.json through a unique temporary file, so a reader never sees half of it."""
-        root = Path(root or self.root)
-        path = root / MANIFEST
-        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=root)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())              # mkstemp creates 0600; a manifest is meant to be read
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=2, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write manifest.json (strict JSON) through a unique temporary file, so a reader never sees half of it."""
+        return atomic_write_json(Path(root or self.root) / MANIFEST, self.to_json(), indent=2)
 
     def replace(self, **changes) -> Manifest:
         return dataclasses.replace(self, **changes)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def confined(root: Path, name: str) -> Path:

@@ -17,6 +17,7 @@ from .manifest import BundleError, Manifest
 from .noise import check_seed
 from .sampling import SamplingSettings
 from .scheduler import ImageJob, Scheduler
+from .specs import DECODER, ENCODER, STEP
 
 
 class Pipeline:
@@ -67,7 +68,7 @@ class Pipeline:
         settings = self.sampling.with_overrides(num_steps=num_steps, guidance_scale=guidance_scale, **sampling)
         jobs = [ImageJob(int(label), seed, first_index + j, settings) for j, label in enumerate(labels)]
         before = self.backend.transfers.copy()
-        Scheduler(self.backend, self._batch_size(batch_size, "step")).run(jobs, on_step)
+        Scheduler(self.backend, self._batch_size(batch_size, STEP.name)).run(jobs, on_step)
         self.last_transfers = self.backend.transfers - before
         return GenerationOutput(images=np.stack([job.image for job in jobs]),
                                 tokens=np.stack([job.tokens for job in jobs]))
@@ -89,7 +90,7 @@ class Pipeline:
             raise InputError(f"images must be uint8 [B,H,W,3] or float [B,3,H,W] in [0,1], got dtype {images.dtype}")
         if len(images) == 0:
             raise InputError("no images to encode")
-        return self._chunked(self.backend.encode, images.astype(np.float32), batch_size, "encoder")
+        return self._chunked(self.backend.encode, images.astype(np.float32), batch_size, ENCODER.name)
 
     def decode(self, indices: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """int64 token indices [B,h,w] -> uint8 images [B,H,W,3]."""
@@ -102,7 +103,7 @@ class Pipeline:
         limit = self.manifest.codebook_size
         if indices.min() < 0 or indices.max() >= limit:
             raise InputError(f"token indices must be in [0, {limit}), got {indices.min()}..{indices.max()}")
-        return self._chunked(self.backend.decode, indices.astype(np.int64), batch_size, "decoder")
+        return self._chunked(self.backend.decode, indices.astype(np.int64), batch_size, DECODER.name)
 
     def reconstruct(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         return self.decode(self.encode(images, batch_size), batch_size)

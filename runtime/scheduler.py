@@ -31,8 +31,8 @@ from .backends.base import Executor, copy_rows, put
 from .noise import ImageNoise
 from .sampling import SamplingSettings
 from .schedules import StepParams
-from .specs import (LABELS, NEXT_TOKENS, NOISE, SAMPLED, STEP, STEP_SETTINGS, STEP_UNGUIDED, TOKENS, ComponentSpec,
-                    per_row_settings)
+from .specs import (DECODER, LABELS, NEXT_TOKENS, NOISE, SAMPLED, STEP, STEP_SETTINGS, STEP_UNGUIDED, TOKENS,
+                    ComponentSpec, per_row_settings)
 
 
 @dataclass(eq=False)
@@ -171,7 +171,7 @@ class Scheduler:
         self.executor = executor
         limit = manifest.max_batch(STEP.name)
         self.capacity = min(capacity or limit, limit)
-        self.decode_batch = manifest.max_batch("decoder")
+        self.decode_batch = manifest.max_batch(DECODER.name)
         self.has_unguided = STEP_UNGUIDED.name in manifest.components
         self.waiting = {True: collections.deque(), False: collections.deque()}   # by lane (guided or not), FIFO
         self.lock = threading.Lock()
