@@ -23,6 +23,8 @@ from .sampling import SamplingSettings
 FORMAT = "maskbit-samples"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 64
+MAX_IMAGES = 10_000_000         # a run's labels are one int64 array in memory (80 MB at this size)
+MAX_SEED = 2 ** 63 - 1
 GENERATION_COMPONENTS = ("step", "combine", "decoder")    # what the images depend on
 
 
@@ -43,11 +45,20 @@ class RunSpec:
     token_shape: tuple          # (h, w)
     bundle_path: str = ""       # where the bundle was read (informational, not identity)
     class_names: tuple = ()     # informational: file names of --png
+    backend: str = "ort"        # the backend that makes the images (identity, except the default: see identity())
     num_images: int = field(init=False)
 
     def __post_init__(self):
         if not isinstance(self.sampling, SamplingSettings):
             raise TypeError(f"a run's sampling settings are SamplingSettings, got {type(self.sampling).__name__}")
+        for name, high in (("seed", MAX_SEED), ("chunk_size", MAX_IMAGES)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not (name == "seed" or value >= 1) \
+                    or not 0 <= value <= high:
+                raise InputError(f"a run's {name} must be an integer in {0 if name == 'seed' else 1}..{high}, "
+                                 f"got {value!r}")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise InputError(f"a run's backend must be a backend name, got {self.backend!r}")
         object.__setattr__(self, "num_images", len(self.labels))
 
     @cached_property
@@ -62,31 +73,39 @@ class RunSpec:
         return range(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.num_images))
 
     def identity(self) -> dict:
+        """What decides the images. The backend is part of it unless it is the default "ort", so runs made before
+        the backend was recorded keep their run id (and resume)."""
+        backend = {} if self.backend == "ort" else {"backend": self.backend}
         return {"bundle": self.bundle, "seed": self.seed, "plan": self.plan, "num_images": self.num_images,
                 "sampling": self.sampling.to_dict(), "chunk_size": self.chunk_size,
-                "image_shape": list(self.image_shape), "token_shape": list(self.token_shape)}
+                "image_shape": list(self.image_shape), "token_shape": list(self.token_shape), **backend}
 
     @cached_property
     def run_id(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **self.identity(),
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **self.identity(), "backend": self.backend,
                 "bundle_path": self.bundle_path, "class_names": list(self.class_names), "run_id": self.run_id}
 
     @classmethod
     def from_json(cls, data: Mapping, where: str) -> RunSpec:
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT or \
+                data.get("format_version") != FORMAT_VERSION:
             raise InputError(f"{where} is not a {FORMAT} v{FORMAT_VERSION} run manifest")
         try:
-            return cls(bundle=data["bundle"], seed=int(data["seed"]), plan=data["plan"],
+            spec = cls(bundle=data["bundle"], seed=data["seed"], plan=data["plan"],
                        sampling=SamplingSettings.from_dict(data["sampling"], f"{where}: sampling"),
-                       chunk_size=int(data["chunk_size"]), image_shape=tuple(data["image_shape"]),
+                       chunk_size=data["chunk_size"], image_shape=tuple(data["image_shape"]),
                        token_shape=tuple(data["token_shape"]), bundle_path=str(data.get("bundle_path", "")),
-                       class_names=tuple(data.get("class_names") or ()))
-        except (KeyError, TypeError, ValueError) as exc:
+                       class_names=tuple(data.get("class_names") or ()), backend=data.get("backend", "ort"))
+            spec.bundle["components"].items()
+            if "run_id" in data and data["run_id"] != spec.run_id:
+                raise InputError(f"{where} is damaged: its run_id does not match its contents")
+            return spec
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, InputError):
-                raise
+                raise InputError(f"{where}: {exc}") from None
             raise InputError(f"{where} is damaged: {type(exc).__name__} {exc}") from None
 
     def check_bundle(self, facts: Mapping, where: str) -> None:
@@ -117,10 +136,27 @@ class RunStats:
 def plan_labels(plan: Mapping) -> np.ndarray:
     """Label of every image: `--per-class K` cycles through the classes (image i gets classes[i % C], so every
     prefix is balanced), `--labels` gives them one by one."""
+    if not isinstance(plan, Mapping):
+        raise InputError(f"a run's plan must be an object, got {type(plan).__name__}")
     if "labels" in plan:
-        return np.asarray(plan["labels"], dtype=np.int64)
-    classes = np.asarray(plan["classes"], dtype=np.int64)
-    return np.tile(classes, int(plan["per_class"]))
+        labels = plan["labels"]
+        if not isinstance(labels, list) or len(labels) > MAX_IMAGES:
+            raise InputError(f"a run's labels must be a list of at most {MAX_IMAGES} class indices")
+        return _integers(labels, "labels")
+    classes, per_class = plan["classes"], plan["per_class"]
+    if not isinstance(classes, list) or isinstance(per_class, bool) or not isinstance(per_class, int) or \
+            per_class < 1:
+        raise InputError(f"a run's plan needs classes (a list) and per_class (an integer >= 1), got {per_class!r}")
+    if per_class * len(classes) > MAX_IMAGES:
+        raise InputError(f"{per_class} per class x {len(classes)} classes = {per_class * len(classes)} images; a run "
+                         f"makes at most {MAX_IMAGES} (split it into several runs)")
+    return np.tile(_integers(classes, "classes"), per_class)
+
+
+def _integers(values: list, what: str) -> np.ndarray:
+    if not all(isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63 for v in values):
+        raise InputError(f"a run's {what} must be integers")
+    return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
 def bundle_facts(manifest) -> dict:
@@ -139,8 +175,9 @@ def bundle_facts(manifest) -> dict:
             "image_shape": (dims.image_size, dims.image_size, 3), "token_shape": (dims.latent_size, dims.latent_size)}
 
 
-def make_spec(manifest, plan: dict, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE, **sampling) -> RunSpec:
-    """The run of `plan` on this bundle; unset (None) sampling settings take the bundle's defaults."""
+def make_spec(manifest, plan: dict, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "ort",
+              **sampling) -> RunSpec:
+    """The run of `plan` on this bundle and backend; unset (None) sampling settings take the bundle's defaults."""
     facts = bundle_facts(manifest)
     num_classes = facts["num_classes"]
     labels = plan_labels(plan)
@@ -149,9 +186,9 @@ def make_spec(manifest, plan: dict, seed: int = 0, chunk_size: int = DEFAULT_CHU
     if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
         raise InputError(f"labels must be in 0..{num_classes - 1}")
     settings = facts["sampling"].with_overrides(**sampling)
-    return RunSpec(bundle=facts["identity"], seed=int(seed), plan=plan, sampling=settings, chunk_size=int(chunk_size),
+    return RunSpec(bundle=facts["identity"], seed=seed, plan=plan, sampling=settings, chunk_size=chunk_size,
                    image_shape=facts["image_shape"], token_shape=facts["token_shape"], bundle_path=str(manifest.root),
-                   class_names=facts["class_names"])
+                   class_names=facts["class_names"], backend=backend)
 
 
 def difference(there: RunSpec, here: RunSpec) -> str | None:
@@ -169,6 +206,8 @@ def difference(there: RunSpec, here: RunSpec) -> str | None:
     for key in sorted(set(a["sampling"]) | set(b["sampling"])):
         if a["sampling"].get(key) != b["sampling"].get(key):
             return f"sampling setting {key} differs: {a['sampling'].get(key)} there, {b['sampling'].get(key)} here"
+    if there.backend != here.backend:
+        return f"backend differs: {there.backend} there, {here.backend} here"
     for key in ("seed", "chunk_size", "image_shape", "token_shape", "plan", "bundle"):
         if a[key] != b[key]:
             return f"{key} differs: {a[key]} there, {b[key]} here"

@@ -27,7 +27,7 @@ from .chunks import (CHUNK_DIR, chunk_path, chunk_problem, claims, generate_chun
                      write_chunk, zip_info)
 from .errors import InputError
 from .files import atomic_file, atomic_write_json, exclusive_lock
-from .run_spec import RunMismatchError, RunSpec, RunStats, difference
+from .run_spec import RunMismatchError, RunSpec, RunStats, bundle_facts, difference
 
 RUN_FILE = "run.json"
 RUN_LOCK = ".run.lock"
@@ -35,10 +35,22 @@ SAMPLES = "samples.npz"
 PNG_DIR = "png"
 
 
+OWN_NAMES = (RUN_FILE, RUN_LOCK, CHUNK_DIR, SAMPLES, PNG_DIR)
+
+
 def open_run(out: str | Path, spec: RunSpec) -> RunSpec:
     """Record `spec` in `out`, or check that `out` holds the same run; another run is refused, naming the
-    difference."""
+    difference. A new run starts only in a missing or empty folder (or one holding only this tool's files), so
+    nothing this tool did not write is overwritten, and a refused folder gets no file."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a run folder")
+    if out.is_dir() and not (out / RUN_FILE).exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_NAMES)
+        if foreign or (out / SAMPLES).exists() or (out / PNG_DIR).exists():
+            shown = ", ".join(foreign[:3] or [SAMPLES if (out / SAMPLES).exists() else PNG_DIR])
+            raise RunMismatchError(f"{out} is not empty and holds no run ({shown}"
+                                   f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder as --out")
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out / RUN_LOCK):
         if (out / RUN_FILE).exists():
@@ -85,6 +97,11 @@ def run_shard(out: str | Path, spec: RunSpec, bundle: str | Path, *, shard: tupl
     is written)."""
     if ray_address is None and workers not in (None, 1):
         raise InputError("--workers needs --ray; without Ray run one process per --shard i/n instead")
+    if spec.backend != backend:
+        raise RunMismatchError(f"the run is made with backend {spec.backend}, not {backend}; add --backend "
+                               f"{spec.backend}")
+    shard_chunks(spec, shard)
+    check_run_bundle(spec, bundle)
     trust = _trust(backend, bundle, trust_native_code, trusted_hashes)
     if ray_address is not None:                 # fail fast: Ray missing or the address unreachable
         from .runs_ray import check_address
@@ -112,6 +129,12 @@ def run_shard(out: str | Path, spec: RunSpec, bundle: str | Path, *, shard: tupl
     if stats.missing == 0:
         stats.samples = str(merge(out, spec, png=png))
     return stats
+
+
+def check_run_bundle(spec: RunSpec, bundle: str | Path) -> None:
+    """Refuse a bundle that is not the run's, before anything is written (and even when nothing is left to make)."""
+    from .manifest import Manifest
+    spec.check_bundle(bundle_facts(Manifest.load(bundle)), str(bundle))
 
 
 def _trust(backend: str, bundle, trust_native_code: bool, trusted_hashes) -> dict:

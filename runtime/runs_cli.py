@@ -45,7 +45,8 @@ def sample_command(out, bundle, per_class, classes, labels, num_steps, guidance_
 
     from .runs import run_shard
     shard_spec = parse_shard(shard) if shard is not None else None
-    spec, bundle_path = _spec(out, bundle, per_class, classes, labels, num_steps, guidance_scale, seed, chunk_size)
+    spec, bundle_path = _spec(out, bundle, per_class, classes, labels, num_steps, guidance_scale, seed, chunk_size,
+                              backend)
     bars = []          # images/s and ETA, shown only when there is work
 
     def plan(n):
@@ -73,7 +74,7 @@ def sample_command(out, bundle, per_class, classes, labels, num_steps, guidance_
                    f"run `maskbit-run sample --out {out}` once they are done")
 
 
-def _spec(out, bundle, per_class, classes, labels, num_steps, guidance_scale, seed, chunk_size):
+def _spec(out, bundle, per_class, classes, labels, num_steps, guidance_scale, seed, chunk_size, backend):
     """The run asked for on the command line, or the one recorded in `out` when no labels are given."""
     from .manifest import Manifest
     from .run_spec import DEFAULT_CHUNK_SIZE, bundle_facts, make_spec
@@ -87,8 +88,10 @@ def _spec(out, bundle, per_class, classes, labels, num_steps, guidance_scale, se
             if value is not None and value != getattr(spec, key):
                 raise InputError(f"{out} holds a run with {key} {getattr(spec, key)}, not {value}")
         for key, value in {"num_steps": num_steps, "guidance_scale": guidance_scale}.items():
-            if value is not None and value != getattr(spec.sampling, key):
+            if value is not None and not value == getattr(spec.sampling, key):
                 raise InputError(f"{out} holds a run with {key} {getattr(spec.sampling, key)}, not {value}")
+        if backend != spec.backend:
+            raise InputError(f"{out} holds a run made with backend {spec.backend}: add --backend {spec.backend}")
         return spec, bundle or Path(spec.bundle_path)
     if per_class is not None and labels is not None:
         raise InputError("give --per-class K (with --classes) or --labels, not both")
@@ -104,7 +107,7 @@ def _spec(out, bundle, per_class, classes, labels, num_steps, guidance_scale, se
         if not chosen:
             raise InputError("this bundle has no class count; give --classes")
         plan = {"per_class": per_class, "classes": chosen}
-    return make_spec(manifest, plan, seed=seed or 0, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+    return make_spec(manifest, plan, seed=seed or 0, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, backend=backend,
                      num_steps=num_steps, guidance_scale=guidance_scale), bundle
 
 
@@ -121,7 +124,7 @@ def _parse(text: str, facts: dict, option: str) -> list[int]:
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' (0 <= i < n) -> (i, n)."""
     parts = str(text).split("/")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
         raise InputError(f"--shard expects i/n with 0 <= i < n (for example 0/4), got {text!r}")
     index, count = int(parts[0]), int(parts[1])
     if count < 1 or not 0 <= index < count:

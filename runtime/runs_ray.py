@@ -22,6 +22,7 @@ from .chunks import claims, generate_chunk, load_run_pipeline, write_chunk
 from .run_spec import RunSpec, RunStats
 
 TASKS_PER_WORKER = 2          # one running, one queued: an actor never waits for the driver between chunks
+READY_TIMEOUT_S = 300.0       # every actor placed and its pipeline loaded by then, or the run fails naming why
 
 
 class RayError(MaskbitError, RuntimeError):
@@ -96,6 +97,17 @@ def default_workers(ray, gpus_per_worker: float) -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
+def check_resources(ray, workers: int, gpus_per_worker: float) -> None:
+    """Refuse, before any actor is created, a pool the cluster cannot hold (Ray would wait for it forever)."""
+    kind, each = ("GPU", gpus_per_worker) if gpus_per_worker else ("CPU", 1)
+    have = float(ray.cluster_resources().get(kind, 0))
+    if workers * each > have:
+        free = float(ray.available_resources().get(kind, 0))
+        raise RayError(f"{workers} Ray worker(s) x {each:g} {kind} ask for {workers * each:g} {kind}, but the cluster "
+                       f"has {have:g} ({free:g} free); use fewer --workers"
+                       + (" or a smaller --gpus-per-worker" if gpus_per_worker else ""))
+
+
 def run_on_ray(out: str | Path, spec: RunSpec, todo: list[int], bundle: str | Path, stats: RunStats, *,
                backend: str = "ort", batch_size: int | None = None, address: str | None = None,
                workers: int | None = None, gpus_per_worker: float = 0, replacements: int | None = None,
@@ -108,6 +120,7 @@ def run_on_ray(out: str | Path, spec: RunSpec, todo: list[int], bundle: str | Pa
     pool = None
     try:
         workers = workers or default_workers(ray, gpus_per_worker)
+        check_resources(ray, workers, gpus_per_worker)
         pool = _Pool(ray, str(Path(bundle).resolve()), spec, backend, gpus_per_worker, workers, options)
         pids = pool.start()
         if on_workers:
@@ -131,6 +144,7 @@ class _Pool:
                  options: dict | None = None):
         self.ray = ray
         self.spec = spec
+        self.gpus = gpus
         cpus = 0 if gpus else 1
         self.make = lambda: ray.remote(ChunkWorker).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(
@@ -139,9 +153,14 @@ class _Pool:
         self.load = [0] * workers
         self.inflight = {}         # ObjectRef -> (slot, actor, chunk, claim)
 
-    def start(self) -> list[int]:
+    def start(self, timeout: float = READY_TIMEOUT_S) -> list[int]:
         try:
-            return self.ray.get([a.pid.remote() for a in self.actors])
+            return self.ray.get([a.pid.remote() for a in self.actors], timeout=timeout)
+        except self.ray.exceptions.GetTimeoutError:
+            asked = f"{self.gpus:g} GPU" if self.gpus else "1 CPU"
+            raise RayError(f"{len(self.actors)} Ray worker(s) of {asked} each were not all started within "
+                           f"{timeout:g} s; the cluster has {_resources(self.ray.cluster_resources())} "
+                           f"({_resources(self.ray.available_resources())} free)") from None
         except self.ray.exceptions.RayError as exc:
             raise RayError(f"a Ray worker could not start: {_cause(exc)}") from None
 
@@ -196,6 +215,10 @@ class _Pool:
         for actor in self.actors:
             with contextlib.suppress(Exception):     # an actor already gone is fine
                 self.ray.kill(actor)
+
+
+def _resources(found: dict) -> str:
+    return ", ".join(f"{float(found.get(k, 0)):g} {k}" for k in ("CPU", "GPU"))
 
 
 def _cause(exc: BaseException) -> str:
