@@ -261,8 +261,11 @@ class Engine:
             for request in list(self._active):
                 if request._progressed:
                     request._progressed = False
-                    self._emit(request, "progress", {"steps": [job.step for job in request.jobs],
-                                                     "num_steps": request.settings.num_steps})
+                    self._emit(request, "progress", self._progress(request))
+
+    @staticmethod
+    def _progress(request: Request) -> dict:
+        return {"steps": [job.step for job in request.jobs], "num_steps": request.settings.num_steps}
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -286,8 +289,8 @@ class Engine:
         elif all(j.done or j is job for j in request.jobs) and not any(j.cancelled for j in request.jobs):
             self._end(request, "done", None)
 
-    def _emit(self, request: Request, kind: str, data: Any) -> None:
-        if request.on_event is not None and (request.finished is None or kind == "end"):
+    def _emit(self, request: Request, kind: str, data: Any, ending: bool = False) -> None:
+        if request.on_event is not None and (request.finished is None or ending):
             with contextlib.suppress(Exception):    # a listener that is gone (its loop closed) stops nobody else
                 request.on_event(kind, data)
 
@@ -305,5 +308,8 @@ class Engine:
                         self.scheduler.cancel(job)
             self._wake.notify()
         self.observer.request_ended(request)
-        self._emit(request, "end", request)
+        if request._progressed and status == "done":          # its last step's progress, before the end
+            request._progressed = False
+            self._emit(request, "progress", self._progress(request), ending=True)
+        self._emit(request, "end", request, ending=True)
         request.ended.set()
