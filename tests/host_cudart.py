@@ -5,7 +5,11 @@ page-locked buffers are ctypes blocks, copies are memmoves, and work queued on a
 the stream is being captured: captured work runs when its graph is launched. `FakeTensorRT` replaces the
 `tensorrt` module: its engines run the bundle's ONNX files with ONNX Runtime on the memory at the context's tensor
 addresses. Like a real kernel, a queued run uses the addresses and shapes set when it was queued (or captured),
-not those set later, so a graph replayed after its inputs moved reads the old addresses, as on a GPU.
+not those set later, so a graph replayed after its inputs moved reads the old addresses, as on a GPU. `HostOrt`
+replaces `onnxruntime` with a "CUDA" provider over the same memory. Both run a component the same way (`run_at`:
+read the inputs at their addresses, run the real ONNX file on the CPU, write the outputs at theirs), and every
+wait of the host (stream and event synchronizations, the blocking copies and runs of `HostOrt`) is counted, so
+tests compare a backend's own count with what the stand-ins saw.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import itertools
 import types
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
-from maskbit_runtime.specs import COMPONENTS, Dims
+from maskbit_runtime.backends.base import Transfers
+from maskbit_runtime.specs import COMPONENTS, STEP_SETTINGS, Dims
 
 GPU = {"name": "NVIDIA H200", "compute_capability": "9.0"}
 TENSORRT_VERSION = "10.3.0"
@@ -47,6 +53,7 @@ class HostCudart:
         self.copies = Counter()          # cudaMemcpyKind value -> copies queued
         self.syncs = 0                   # cudaStreamSynchronize calls
         self.event_waits = 0             # cudaEventSynchronize calls that found the event pending
+        self.blocking = 0                # blocking copies and synchronized runs of the onnxruntime stand-in
         self.captures = self.launches = self.destroyed = 0
         self.capturing: dict[int, list] = {}
         self.pending_events: set[int] = set()
@@ -154,6 +161,11 @@ class HostCudart:
     def cudaGetErrorString(self, err):
         return self.cudaError_t.cudaSuccess, b"stand-in error"
 
+    @property
+    def host_waits(self) -> int:
+        """Every time the host waited for the "device": what a backend's `transfers.host_syncs` must count."""
+        return self.syncs + self.event_waits + self.blocking
+
 
 def read(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:
     """A copy of the host-"device" memory at `ptr`."""
@@ -166,6 +178,28 @@ def read(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:
 def write(ptr: int, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array)
     ctypes.memmove(ptr, array.ctypes.data, array.nbytes)
+
+
+class Tensor(NamedTuple):
+    """Where a bound tensor lives in the stand-in's memory."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def run_at(session: ort.InferenceSession, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
+    """Run a real ONNX Runtime session on the tensors at these addresses, as a kernel on the device would."""
+    feeds = {name: read(*t) for name, t in inputs.items()}
+    for (name, t), value in zip(outputs.items(), session.run(list(outputs), feeds)):
+        assert value.shape == t.shape and value.dtype == t.dtype, (name, value.shape, value.dtype, t)
+        write(t.ptr, value)
+
+
+def cpu_session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class FakeTensorRT:
@@ -203,10 +237,7 @@ class FakeEngine:
         self.spec = COMPONENTS[component]
         self.tensors = self.spec.inputs + self.spec.outputs
         self.num_io_tensors = len(self.tensors)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(str(trt.bundle / self.spec.file), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = cpu_session(trt.bundle / self.spec.file)
 
     def get_tensor_name(self, i):
         return self.tensors[i].name
@@ -251,19 +282,19 @@ class FakeContext:
 
     def _execute(self, addresses, shapes) -> None:
         spec = self.engine.spec
-        feeds = {t.name: read(addresses[t.name], self._shape(t, shapes), t.dtype) for t in spec.inputs}
-        outputs = self.engine.session.run([t.name for t in spec.outputs], feeds)
-        for t, value in zip(spec.outputs, outputs):
-            write(addresses[t.name], value.astype(t.dtype))
+        at = lambda tensors: {t.name: Tensor(addresses[t.name], self._shape(t, shapes), np.dtype(t.dtype))
+                              for t in tensors}
+        run_at(self.engine.session, at(spec.inputs), at(spec.outputs))
         self.trt.runs += 1
-
 
 
 class HostOrt:
     """onnxruntime stand-in with a "CUDA" provider whose device memory is a `HostCudart`'s host memory: sessions
     run the real ONNX file with ONNX Runtime's CPU provider on the bound addresses. A session created with
-    "enable_cuda_graph" captures what a run with a given "gpu_graph_id" reads and writes on its first run and
-    replays those addresses on later runs with that id, whatever is bound then, as ONNX Runtime does."""
+    "enable_cuda_graph" captures what a run with a given "gpu_graph_id" reads and writes (addresses and shapes) on
+    its first run and replays those on later runs with that id, whatever is bound then, as ONNX Runtime does.
+    Like the real CUDA provider, `update_inplace` and `numpy()` are blocking copies and a run synchronizes unless
+    "disable_synchronize_execution_providers" is set; each counts in `HostCudart.blocking`."""
 
     __version__ = "1.99.0 (host stand-in)"
     SessionOptions = ort.SessionOptions
@@ -293,6 +324,10 @@ class HostOrt:
         self.sessions.append(session)
         return session
 
+    def session(self, file: str) -> HostSession:
+        """The last session made of the bundle file `file` (e.g. "step.onnx")."""
+        return [s for s in self.sessions if Path(s.path).name == file][-1]
+
     def _allocate(self, shape, dtype, device, index):
         assert device == "cuda", device
         return HostOrtValue(self.cudart, tuple(shape), np.dtype(dtype))
@@ -302,32 +337,37 @@ class HostOrtValue:
     _TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "uint8": "tensor(uint8)", "bool": "tensor(bool)"}
 
     def __init__(self, cudart: HostCudart, shape: tuple[int, ...], dtype: np.dtype):
-        self._shape, self.dtype = shape, dtype
-        self.ptr = cudart.cudaMalloc(max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 1))[1]
+        self.cudart = cudart
+        nbytes = max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 1)
+        self.tensor = Tensor(cudart.cudaMalloc(nbytes)[1], shape, dtype)
 
     def shape(self):
-        return list(self._shape)
+        return list(self.tensor.shape)
 
     def data_type(self):
-        return self._TYPES[self.dtype.name]
+        return self._TYPES[self.tensor.dtype.name]
 
     def data_ptr(self):
-        return self.ptr
+        return self.tensor.ptr
 
     def update_inplace(self, array):
-        write(self.ptr, np.asarray(array, dtype=self.dtype).reshape(self._shape))
+        self.cudart.copies[HostCudart.cudaMemcpyKind.cudaMemcpyHostToDevice] += 1
+        self.cudart.blocking += 1
+        write(self.tensor.ptr, np.asarray(array, dtype=self.tensor.dtype).reshape(self.tensor.shape))
 
     def numpy(self):
-        return read(self.ptr, self._shape, self.dtype)
+        self.cudart.copies[HostCudart.cudaMemcpyKind.cudaMemcpyDeviceToHost] += 1
+        self.cudart.blocking += 1
+        return read(*self.tensor)
 
 
 class HostSession:
     def __init__(self, host: HostOrt, path, providers, provider_options):
-        self.host, self.providers = host, list(providers)
+        self.host, self.path, self.providers = host, str(path), list(providers)
         self.cuda_options = dict(provider_options[self.providers.index("CUDAExecutionProvider")])
-        self.real = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.real = cpu_session(path)
         self.graphs: dict[str, tuple] = {}        # gpu_graph_id -> (inputs, outputs) captured
-        self.runs = 0
+        self.runs = self.replays = 0
 
     def get_providers(self):
         return self.providers
@@ -346,28 +386,50 @@ class HostSession:
         graph = entries.get("gpu_graph_id") if self.cuda_options.get("enable_cuda_graph") == "1" else None
         if graph is not None and graph in self.graphs:
             inputs, outputs = self.graphs[graph]            # a replay reads and writes where the capture did
+            self.replays += 1
         else:
             inputs, outputs = dict(binding.inputs), dict(binding.outputs)
             if graph is not None:
                 self.graphs[graph] = inputs, outputs
-        feeds = {name: read(ptr, shape, dtype) for name, (ptr, shape, dtype) in inputs.items()}
-        for name, value in zip(outputs, self.real.run(list(outputs), feeds)):
-            ptr, shape, dtype = outputs[name]
-            assert value.shape == shape and value.dtype == dtype, (name, value.shape, shape)
-            write(ptr, value)
+        run_at(self.real, inputs, outputs)
         self.runs += 1
+        if entries.get("disable_synchronize_execution_providers") != "1":
+            self.host.cudart.blocking += 1
 
 
 class HostBinding:
     def __init__(self):
-        self.inputs: dict[str, tuple] = {}
-        self.outputs: dict[str, tuple] = {}
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
 
     def bind_input(self, name, device, index, element_type, shape, ptr):
-        self.inputs[name] = (ptr, tuple(shape), np.dtype(element_type))
+        self.inputs[name] = Tensor(ptr, tuple(shape), np.dtype(element_type))
+
+    def bind_output(self, name, device, index, element_type, shape, ptr):
+        self.outputs[name] = Tensor(ptr, tuple(shape), np.dtype(element_type))
 
     def bind_ortvalue_input(self, name, value):
-        self.inputs[name] = (value.ptr, value._shape, value.dtype)
+        self.inputs[name] = value.tensor
 
     def bind_ortvalue_output(self, name, value):
-        self.outputs[name] = (value.ptr, value._shape, value.dtype)
+        self.outputs[name] = value.tensor
+
+
+def scheduled_copies(images: int, steps: int, capacity: int, new_lane: bool = False) -> Transfers:
+    """The copies the slot scheduler makes to generate `images` images of `steps` (>= 2) steps each through a lane
+    of `capacity` slots (a `new_lane` first uploads its masked tokens, once): the images go in rounds of up to
+    `capacity`, admitted together. Per round, host->device: each step's noise and per-row settings, and the labels
+    once per ping-pong parity; device->device: the admission (masked tokens into the rows) and the retirement (the
+    rows' sampled groups to combine + decode), one copy each for consecutive rows; device->host: the images and the
+    token indices. Host syncs depend on the backend; tests add them."""
+    rounds = -(-images // capacity)
+    per_step = 1 + len(STEP_SETTINGS)                     # noise and the settings
+    return Transfers(host_to_device=rounds * (per_step * steps + 2) + new_lane, device_to_host=2 * rounds,
+                     device_to_device=2 * rounds)
+
+
+def observed(cudart: HostCudart) -> Transfers:
+    """What the stand-ins saw so far, in the backends' terms (subtract two of these for one generation)."""
+    kinds = HostCudart.cudaMemcpyKind
+    return Transfers(cudart.copies[kinds.cudaMemcpyHostToDevice], cudart.copies[kinds.cudaMemcpyDeviceToHost],
+                     cudart.copies[kinds.cudaMemcpyDeviceToDevice], cudart.host_waits)

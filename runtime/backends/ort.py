@@ -5,16 +5,18 @@ that belongs to another model is refused), and it must run on the provider that 
 
 A range of rows (`rows`) is bound by address (`IOBinding.bind_input` with the OrtValue's data pointer plus the
 rows' offset), so a step over the first n slots reads the slot table in place. Uploads are
-`OrtValue.update_inplace` from ordinary numpy arrays: on CUDA, ONNX Runtime copies them itself (a blocking copy
-from pageable memory, counted as a host sync). Device-to-device copies (admitted, moved and retired rows) are a
+`OrtValue.update_inplace` from ordinary numpy arrays: on CUDA, ONNX Runtime copies them itself with a blocking
+copy from pageable memory, and downloads are `OrtValue.numpy()`, a synchronous copy; `transfers` counts each of
+them as a host sync (`describe()["host_syncs"]`). Device-to-device copies (admitted, moved and retired rows) are a
 memmove on the CPU and, on CUDA, cudaMemcpyAsync (cuda-python) on a stream this backend creates and hands to ONNX
 Runtime as its compute stream ("user_compute_stream"), so copies and runs are ordered without a wait. Without
-CUDA graphs the CUDA provider synchronizes its stream at the end of every run, which `transfers` counts.
+CUDA graphs the CUDA provider synchronizes its stream at the end of every run, which `transfers` counts too.
 
-CUDA graphs (`cuda_graphs=True`, on CUDA): ONNX Runtime's own capture ("enable_cuda_graph") replays fixed input
-and output addresses per graph id ("gpu_graph_id" run option); every step binding (one per number of occupied
-slots and ping-pong parity) binds fixed addresses, so each gets its own id and nothing is copied before a replay.
-Runs then do not synchronize ("disable_synchronize_execution_providers"); the download at the end waits once.
+CUDA graphs (`cuda_graphs=True`, on CUDA): ONNX Runtime's own capture ("enable_cuda_graph") replays the input
+and output addresses and shapes it captured per graph id ("gpu_graph_id" run option); every step binding (one per
+number of occupied slots and ping-pong parity) binds fixed addresses, so each gets its own id, keyed by every
+tensor's address and shape (row ranges of one buffer share their start address), and nothing is copied before a
+replay. Runs then do not synchronize ("disable_synchronize_execution_providers").
 When ONNX Runtime refuses capture for a graph (for example, nodes placed on the CPU), that component runs without
 graphs and `describe` says why.
 """
@@ -51,6 +53,11 @@ class Row:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
 
+CPU_SYNCS = "none: on the CPU nothing runs asynchronously"
+CUDA_SYNCS = ("the host's waits per generation, each counted once: every upload (OrtValue.update_inplace copies "
+              "from pageable memory with a blocking copy), the download's synchronization of this backend's stream "
+              "and each downloaded buffer (OrtValue.numpy() copies synchronously), and without CUDA graphs every run "
+              "(the CUDA provider synchronizes its stream at the end of each run)")
 ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu")     # distributions that install the same `onnxruntime` package
 
 
@@ -120,7 +127,7 @@ class OrtPrimitives:
         self.transfers = Transfers()
         self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
         self.graphs_off: dict[str, str] = {}          # component -> why ONNX Runtime would not capture it
-        self._graph_ids: dict[tuple, int] = {}       # addresses -> graph id (from 1: ORT reserves 0; -1 is "none")
+        self._graph_ids: dict[tuple, int] = {}       # graph_key -> graph id (from 1: ORT reserves 0; -1 is "none")
         self.stream = None
         if self.device == "cuda":
             from .cuda import Stream                  # cuda-python: the row copies run on ONNX Runtime's stream
@@ -202,12 +209,16 @@ class OrtPrimitives:
     def upload(self, buffer, array: np.ndarray) -> None:
         buffer.update_inplace(np.ascontiguousarray(array))
         self.transfers.host_to_device += 1
+        if self.device == "cuda":
+            self.transfers.host_syncs += 1      # a blocking copy from pageable memory: the host waits for it
 
     def download(self, *buffers) -> list[np.ndarray]:
-        if self.stream is not None:             # runs did not wait: wait once for all queued work
+        if self.stream is not None:             # wait once for the work queued on this backend's stream
             self.stream.synchronize()
             self.transfers.host_syncs += 1
         self.transfers.device_to_host += len(buffers)
+        if self.device == "cuda":
+            self.transfers.host_syncs += len(buffers)       # OrtValue.numpy() copies synchronously
         return [buffer.numpy().copy() for buffer in buffers]          # numpy() may alias the reused buffer
 
     def bind(self, component: str, buffers: Mapping[str, Any]) -> Binding:
@@ -215,20 +226,20 @@ class OrtPrimitives:
         spec = self.manifest.spec(component)
         graphed = self.cuda_graphs and spec.graphed and component not in self.graphs_off
         binding = Binding(session, session.io_binding(), dict(buffers), self.ort.RunOptions())
-        addresses = [component]
+        tensors = []
         for t, output in [(t, False) for t in spec.inputs] + [(t, True) for t in spec.outputs]:
             buffer = buffers[t.name]
             if isinstance(buffer, Row):
                 bind = binding.io.bind_output if output else binding.io.bind_input
                 bind(t.name, self.device, 0, buffer.dtype.type, list(buffer.shape), buffer.ptr)
-                addresses.append(buffer.ptr)
+                tensors.append((buffer.ptr, buffer.shape))
             else:
                 (binding.io.bind_ortvalue_output if output else binding.io.bind_ortvalue_input)(t.name, buffer)
-                addresses.append(buffer.data_ptr())
+                tensors.append((buffer.data_ptr(), tuple(buffer.shape())))
         if self.cuda_graphs:
             binding.options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        if graphed:        # one graph per set of addresses (and so per number of rows)
-            graph = self._graph_ids.setdefault(tuple(addresses), len(self._graph_ids) + 1)
+        if graphed:
+            graph = self._graph_ids.setdefault(graph_key(component, tensors), len(self._graph_ids) + 1)
             binding.options.add_run_config_entry("gpu_graph_id", str(graph))
         return binding
 
@@ -243,7 +254,7 @@ class OrtPrimitives:
                   else f"off for {off}" if off else "on")
         return {"backend": self.name, "onnxruntime": self.ort.__version__, "providers": self.providers,
                 "available_providers": self.ort.get_available_providers(), "device": self.device,
-                "cuda_graphs": graphs}
+                "cuda_graphs": graphs, "host_syncs": CUDA_SYNCS if self.device == "cuda" else CPU_SYNCS}
 
     def close(self) -> None:
         if self.stream is not None:
@@ -253,6 +264,12 @@ class OrtPrimitives:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
+
+
+def graph_key(component: str, tensors: list[tuple[int, tuple[int, ...]]]) -> tuple:
+    """What tells two graphed bindings apart: each tensor's (address, shape). A graph replays the addresses and
+    shapes it captured, and a step over the first n rows starts at the same address whatever n is."""
+    return (component, *tensors)
 
 
 @dataclass(eq=False)
