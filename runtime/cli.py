@@ -176,15 +176,23 @@ def _save_npy(array: np.ndarray, out: Path) -> None:
               help="Deadline of a request in seconds, queued time included (a request may ask for less): 504.")
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM, seconds the requests in flight get to finish (new ones are refused at once).")
+@click.option("--policy", type=click.Choice(["step", "request", "single"]), default="step", show_default=True,
+              help="When images join the batch: step = at any step boundary (step-level batching); request = "
+                   "dynamic batches run to their end (request-level batching); single = one request at a time. "
+                   "The last two are for comparisons (benchmarks/serve_load.py).")
+@click.option("--batch-wait", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="With --policy request: seconds a dynamic batch waits to fill up.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (debug also logs every request).")
 @backend_option
 @one_line_errors
-def serve(bundle, host, port, max_batch, max_queue, max_images, request_timeout, grace, log_level, backend):
+def serve(bundle, host, port, max_batch, max_queue, max_images, request_timeout, grace, policy, batch_wait,
+          log_level, backend):
     """Serve the bundle over HTTP: POST /v1/generate (JSON or Server-Sent Events), /v1/models, /healthz, /readyz,
     /metrics, /docs. Images of all requests share steps (step-level batching) and equal `generate`'s byte for byte.
     Needs the extra [serve]."""
     from .serve_app import serve as run_server
     with open_pipeline(bundle, backend) as pipe:
         run_server(pipe, host=host, port=port, backend=backend, grace=grace, log_level=log_level,
-                   max_batch=max_batch, max_queue=max_queue, max_images=max_images, request_timeout=request_timeout)
+                   max_batch=max_batch, max_queue=max_queue, max_images=max_images, request_timeout=request_timeout,
+                   policy=policy, batch_wait=batch_wait)

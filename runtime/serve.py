@@ -10,10 +10,17 @@ other images are cancelled, other requests go on), `cancelled` (the client left)
 passed) or `shutdown` (still running when the server stopped). Admission is refused while draining and when the
 images waiting for a slot would exceed `max_queue` (`Overloaded`, with a retry-after estimate); a request of more
 images than could ever be admitted is `TooLarge`.
+
+`policy` says when accepted requests reach the scheduler: "step" (the default) at the next step boundary, into
+any free slot; "request" as a dynamic batch (up to the slots' worth of images, or what arrived within
+`batch_wait` seconds) that runs to its end before the next batch starts (request-level batching, as Triton's
+dynamic batcher or Ray Serve's `@serve.batch` do); "single" one request at a time. The last two exist to be
+measured against (`benchmarks/serve_load.py`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import threading
@@ -31,6 +38,8 @@ from .pipeline import Pipeline
 from .sampling import SamplingSettings
 from .scheduler import ImageJob, Scheduler
 
+POLICIES = ("step", "request", "single")   # when images join: any step boundary (the scheduler), a dynamic batch
+#                                             run to its end (request-level batching), one request at a time
 MAX_PREVIEWS = 16            # decoded previews per image at most: preview_every >= ceil(num_steps / 16)
 
 
@@ -105,7 +114,8 @@ class Engine:
     """`Engine(pipeline).start()`, then `submit(Request)` from any thread; `drain()` + `stop()` to end."""
 
     def __init__(self, pipeline: Pipeline, max_batch: int | None = None, max_queue: int = 256,
-                 max_images: int = 64, request_timeout: float | None = 300.0, observer: Observer | None = None):
+                 max_images: int = 64, request_timeout: float | None = 300.0, observer: Observer | None = None,
+                 policy: str = "step", batch_wait: float = 0.05):
         if not pipeline.manifest.has_generator:
             raise InputError(f"bundle {pipeline.manifest.root} has no generator: nothing to serve")
         for name, value in (("max_queue", max_queue), ("max_images", max_images)):
@@ -113,7 +123,10 @@ class Engine:
                 raise InputError(f"{name} must be an integer >= {1 if name == 'max_images' else 0}, got {value!r}")
         if request_timeout is not None and not (math.isfinite(request_timeout) and request_timeout > 0):
             raise InputError(f"request timeout must be a finite number of seconds > 0, got {request_timeout!r}")
+        if policy not in POLICIES:
+            raise InputError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.pipeline = pipeline
+        self.policy, self.batch_wait = policy, batch_wait
         self.scheduler = Scheduler(pipeline.backend, pipeline._batch_size(max_batch, "step"))
         self.capacity = self.scheduler.capacity
         self.max_queue, self.request_timeout = max_queue, request_timeout
@@ -123,6 +136,8 @@ class Engine:
         self.draining = False
         self.step_seconds = 0.05             # running mean of one iteration, for Retry-After
         self._active: list[Request] = []
+        self._pending: collections.deque[Request] = collections.deque()    # accepted, not yet in the scheduler
+        self._rows = 0
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -170,7 +185,7 @@ class Engine:
     @property
     def queued(self) -> int:
         """Images waiting for a slot."""
-        return self.scheduler.queued
+        return self.scheduler.queued + sum(len(r.jobs) for r in self._pending)
 
     @property
     def occupied(self) -> int:
@@ -205,16 +220,16 @@ class Engine:
                 self.observer.rejected("draining")
                 raise Overloaded("the server is shutting down", "draining", self.retry_after())
             free = self.capacity - self.scheduler.occupied
-            if self.scheduler.queued + len(request.labels) - free > self.max_queue:
+            if self.queued + len(request.labels) - free > self.max_queue:
                 self.observer.rejected("queue_full")
-                raise Overloaded(f"the queue is full ({self.scheduler.queued} images waiting, at most "
+                raise Overloaded(f"the queue is full ({self.queued} images waiting, at most "
                                  f"{self.max_queue})", "queue_full", self.retry_after())
             request.created = time.monotonic()
             if request.timeout is not None:
                 request.deadline = request.created + request.timeout
             request.jobs = [self._job(request, j, label) for j, label in enumerate(request.labels)]
             self._active.append(request)
-            self.scheduler.submit(request.jobs)
+            self._pending.append(request)
             self._wake.notify()
         return request
 
@@ -224,7 +239,7 @@ class Engine:
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the images ahead, over the slots, times one image's steps."""
-        waiting = self.scheduler.queued + self.scheduler.occupied
+        waiting = self.queued + self.scheduler.occupied
         steps = self.pipeline.sampling.num_steps
         return max(1, math.ceil((waiting / self.capacity) * steps * self.step_seconds))
 
@@ -240,13 +255,16 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while self.scheduler.idle() and not self._stopping:
-                    self._wake.wait()
+                while not self._stopping:
+                    wait = self._release()
+                    if not self.scheduler.idle():
+                        break
+                    self._wake.wait(timeout=wait)
                 if self._stopping:
                     return
             self._expire()
             self._iteration_start = begin = time.monotonic()
-            rows = self.scheduler.occupied
+            self._rows = 0
             try:
                 self.scheduler.iterate()
             except Exception as exc:  # a bug outside the backend: fail what is in flight, keep serving
@@ -254,10 +272,9 @@ class Engine:
                     self._end(request, "failed", f"internal error: {type(exc).__name__}: {exc}")
                 continue
             seconds = time.monotonic() - begin
-            rows = max(rows, self.scheduler.occupied)
-            if rows:
+            if self._rows:
                 self.step_seconds = 0.9 * self.step_seconds + 0.1 * seconds
-                self.observer.iteration(seconds, rows)
+                self.observer.iteration(seconds, self._rows)
             for request in list(self._active):
                 if request._progressed:
                     request._progressed = False
@@ -274,7 +291,31 @@ class Engine:
                 self._end(request, "expired", f"deadline of {request.timeout:g} s exceeded "
                                               f"({request.queued_seconds:.2f} s of it queued)")
 
+    def _release(self) -> float | None:
+        """Hand accepted requests to the scheduler as the policy says (the caller holds `_wake`); returns how long
+        the loop may sleep before a dynamic batch is due (None: until woken)."""
+        pending = self._pending
+        if self.policy == "step":
+            while pending:
+                self.scheduler.submit(pending.popleft().jobs)
+            return None
+        if not pending or not self.scheduler.idle():
+            return None
+        if self.policy == "single":
+            self.scheduler.submit(pending.popleft().jobs)
+            return None
+        age = time.monotonic() - pending[0].created             # "request": a dynamic batch, run to its end
+        if sum(len(r.jobs) for r in pending) < self.capacity and age < self.batch_wait:
+            return self.batch_wait - age
+        taken = 0
+        while pending and (taken == 0 or taken + len(pending[0].jobs) <= self.capacity):
+            request = pending.popleft()
+            taken += len(request.jobs)
+            self.scheduler.submit(request.jobs)
+        return None
+
     def _stepped(self, request: Request) -> None:
+        self._rows += 1
         if request.started is None:
             request.started = self._iteration_start
             request.status = "running"
@@ -302,6 +343,8 @@ class Engine:
             request.status, request.error = status, error
             if request in self._active:
                 self._active.remove(request)
+            if request in self._pending:
+                self._pending.remove(request)
             if status != "done":
                 for job in request.jobs:
                     if not job.done:

@@ -230,6 +230,21 @@ def test_full_queue_gives_503_with_retry_after(offline):
         assert _metric(small.url, 'maskbit_rejections_total{reason="queue_full"}') == 1
 
 
+@pytest.mark.parametrize("policy", ["request", "single"])
+def test_the_comparison_policies_serve_the_same_images(offline, policy):
+    bodies = [{"labels": [i, 7 - i], "seed": i, "num_steps": 2 + i, "guidance_scale": [0.0, 1.0, 2.0][i]}
+              for i in range(3)]
+
+    async def send_all(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/generate", json=b) for b in bodies))
+
+    with ThreadServer(max_batch=3, policy=policy, batch_wait=0.01) as s:
+        for body, response in zip(bodies, asyncio.run(send_all(s.url))):
+            assert response.status_code == 200, response.text
+            np.testing.assert_array_equal(_images(response), _expected(offline, body).images)
+
+
 def test_a_backend_failure_fails_only_its_request(server, offline):
     primitives = server.pipe.backend.primitives
     original, calls = primitives.run, []
