@@ -163,9 +163,11 @@ def demo(bundle, per_class, seed, reference_per_class, out):
 @weights_option
 @click.option("--backend-b", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
               help="Backend for BUNDLE_B (compare ORT against TensorRT with the same bundle twice).")
+@click.option("--trust-native-code", is_flag=True,
+              help="Allow --backend-b tensorrt to load BUNDLE_B's plans, which can run code when loaded.")
 @out_option
 @one_line_errors
-def compare(bundle_a, bundle_b, per_class, seeds, features, inception_weights, backend_b, out):
+def compare(bundle_a, bundle_b, per_class, seeds, features, inception_weights, backend_b, trust_native_code, out):
     """Is BUNDLE_B the same generator as BUNDLE_A? B-vs-A metrics next to A's seed-to-seed spread."""
     from maskbit_runtime import Pipeline
 
@@ -174,7 +176,8 @@ def compare(bundle_a, bundle_b, per_class, seeds, features, inception_weights, b
         seed_list = tuple(int(s) for s in seeds.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
-    with Pipeline.load(bundle_a) as pipe_a, Pipeline.load(bundle_b, backend=backend_b) as pipe_b:
+    with Pipeline.load(bundle_a) as pipe_a, Pipeline.load(bundle_b, backend=backend_b,
+                                                               trust_native_code=trust_native_code) as pipe_b:
         network = default_features_for(pipe_a, features, inception_weights)
         report = compare_bundles(pipe_a, pipe_b, network, demo_labels(pipe_a, per_class), seed_list)
     _print(report)

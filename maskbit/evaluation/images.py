@@ -3,7 +3,9 @@
 Rules (checked before any feature is computed, so bad input fails fast and nothing is written):
 - a folder is searched recursively for .png/.jpg/.jpeg/.webp/.bmp files, in sorted path order; an empty folder
   is refused;
-- every image is converted to RGB (grayscale is repeated, alpha and palettes are dropped);
+- every image follows the runtime's one image rule (`maskbit_runtime.images`: `open_image` refuses more than
+  MAX_PIXELS pixels from the header, before decoding; `to_rgb` converts every mode, 16-bit and float included, and
+  composites alpha on white), as the training data reader does; an `.npz` image larger than MAX_PIXELS is refused;
 - all images of one set must have the same size; mixed sizes are refused, not resized (resizing changes FID, so
   the user chooses the rule: the ADM protocol uses 256x256 center crops). Two sets may differ in size: the
   feature networks resize internally (Inception to 299x299, bilinear; the demo network pools to 32x32);
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maskbit_runtime.errors import InputError
+from maskbit_runtime.errors import InputError, MaskbitError
+from maskbit_runtime.images import check_pixels, open_image, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -82,20 +85,22 @@ def open_images(path: str | Path) -> ImageSet:
         raise InputError(f"{path}: arr_0 must be uint8 [N,H,W,3], found {dtype} {list(shape)}")
     if shape[0] == 0:
         raise InputError(f"{path}: arr_0 holds no images")
+    check_pixels(int(shape[2]), int(shape[1]), f"{path} arr_0")
     return ImageSet(path, int(shape[0]), int(shape[1]), int(shape[2]))
 
 
 def _open_folder(folder: Path) -> ImageSet:
-    from PIL import Image, UnidentifiedImageError
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)} files, recursively)")
     sizes = {}
     for file in files:
         try:
-            with Image.open(file) as image:
+            with open_image(file, str(file)) as image:        # the pixel limit, from the header
                 sizes.setdefault(image.size, file)
-        except (UnidentifiedImageError, OSError):
+        except MaskbitError:
+            raise
+        except (OSError, ValueError, SyntaxError):            # PIL.UnidentifiedImageError is an OSError
             raise InputError(f"cannot read image {file}") from None
         if len(sizes) > 1:
             (w0, h0), first = next(iter(sizes.items()))
@@ -107,9 +112,14 @@ def _open_folder(folder: Path) -> ImageSet:
 
 
 def _read_rgb(file: Path) -> np.ndarray:
-    from PIL import Image
-    with Image.open(file) as image:
-        return np.asarray(image.convert("RGB"))
+    try:
+        with open_image(file, str(file)) as image:
+            image.load()
+            return np.asarray(to_rgb(image, str(file)))
+    except MaskbitError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:     # a file that changed or is truncated
+        raise InputError(f"cannot read image {file}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
 
 
 def _npy_header(stream, path: Path) -> tuple[tuple[int, ...], np.dtype]:

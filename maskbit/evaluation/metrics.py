@@ -74,15 +74,21 @@ class FeatureStats:
         if "mu" not in arrays or "sigma" not in arrays:
             raise InputError(f"{path} is not a statistics file: expected `mu` and `sigma` "
                              f"(found {', '.join(sorted(arrays)) or 'nothing'})")
-        mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+        mu, sigma = (_finite(arrays[key], key, path) for key in ("mu", "sigma"))
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
             raise InputError(f"{path}: mu must be [D] and sigma [D,D], found mu {list(mu.shape)}, "
                              f"sigma {list(sigma.shape)}")
-        features = arrays.get("features")
+        features = None if "features" not in arrays else _finite(arrays["features"], "features", path)
         if features is not None and (features.ndim != 2 or features.shape[1] != len(mu)):
             raise InputError(f"{path}: features must be [N,{len(mu)}], found {list(features.shape)}")
-        count = int(arrays["count"]) if "count" in arrays else (len(features) if features is not None else 0)
-        network = str(arrays["network"]) if "network" in arrays else None
+        count = arrays.get("count")
+        if count is not None and (count.shape != () or not np.issubdtype(count.dtype, np.integer) or count < 0):
+            raise InputError(f"{path}: count must be one integer >= 0, found {count.dtype} {list(count.shape)}")
+        count = int(count) if count is not None else (len(features) if features is not None else 0)
+        network = arrays.get("network")
+        if network is not None and (network.shape != () or network.dtype.kind != "U"):
+            raise InputError(f"{path}: network must be one string, found {network.dtype} {list(network.shape)}")
+        network = None if network is None else str(network)
         return cls(mu, sigma, count, network or None,
                    None if features is None else features.astype(np.float64))
 
@@ -150,3 +156,14 @@ def compare(samples: FeatureStats, reference: FeatureStats, k: int = PRC_NEIGHBO
     report["kid"], report["kid_std"] = kernel_distance(samples.features, reference.features)
     report["precision"], report["recall"] = precision_recall(samples.features, reference.features, k)
     return report
+
+
+def _finite(array: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """A statistics array as float64, refused in one line unless it holds real finite numbers."""
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or
+                                       np.issubdtype(array.dtype, np.floating)):
+        raise InputError(f"{path}: {key} must hold real numbers, found dtype {array.dtype}")
+    array = array.astype(np.float64)
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{path}: {key} holds NaN or infinity; recompute the statistics")
+    return array
