@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,9 @@ def _hub_reachable(endpoint: str) -> str | None:
     return None
 
 
+_HUB_PART = re.compile(r"[A-Za-z0-9._-]{1,96}")
+
+
 def resolve_hub(ref: str) -> Path:
     """`hf://owner/repo[/file]` -> a local file: the huggingface_hub cache first, then a download.
 
@@ -61,8 +65,9 @@ def resolve_hub(ref: str) -> Path:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     parts = ref[len(HUB_PREFIX):].strip("/").split("/")
-    if len(parts) < 2 or not all(parts):
-        raise CheckpointError(f"hub reference {ref!r} must look like hf://owner/repo or hf://owner/repo/file")
+    if len(parts) < 2 or not all(_HUB_PART.fullmatch(p) and p not in (".", "..") for p in parts):
+        raise CheckpointError(f"hub reference {ref[:200]!r} must look like hf://owner/repo or hf://owner/repo/file "
+                              f"(letters, digits, '-', '_' and '.', no '..')")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
     candidates = [filename] if filename else [f"{parts[1]}.bin", "pytorch_model.bin", "model.safetensors"]
     for name in candidates:
@@ -170,14 +175,30 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, 
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
                  if k in state and state[k].shape != v.shape]
-    if missing or unexpected or misshaped:
+    mistyped = [f"{k} {state[k].dtype} into {v.dtype}" for k, v in expected.items()
+                if k in state and _kind(state[k].dtype) != _kind(v.dtype)]
+    if missing or unexpected or misshaped or mistyped:
         def few(keys):
             return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
         problems = [f"{len(keys)} {kind} ({few(keys)})" for kind, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                     ("of another dtype kind", mistyped)) if keys]
         raise CheckpointError(f"{source} does not fit config {config_name!r}: {'; '.join(problems)}. "
                               f"The file looks like {guess_config(state)}; pass the matching config.")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or infinite weights in {len(bad)} tensor(s) "
+                              f"({', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}); it is damaged")
     model.load_state_dict(state, strict=True)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """float (any precision: casting between them is a checkpoint's normal life), complex, bool or integer."""
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
 
 
 def rename_keys(state: Mapping[str, torch.Tensor], renames: Mapping[str, str]) -> dict[str, torch.Tensor]:

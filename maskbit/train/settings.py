@@ -9,6 +9,7 @@ name the dotted path or the bare field name; `tokenizer.X=...` / `generator.X=..
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,10 @@ class TrainSettings:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ConfigError(f"stage {self.stage!r} is not one of {STAGES}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.metadata.get('path', f.name)} must be a finite number, got {value!r}")
         checks = [
             (self.gradient_accumulation_steps == 1, "training.gradient_accumulation_steps must be 1 (not supported)"),
             (self.mixed_precision in ("no", "bf16"), "training.mixed_precision must be 'no' or 'bf16'"),
@@ -143,8 +148,12 @@ def _coerce(f: dataclasses.Field, value: Any, source: str):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
+        if kind is float:
+            if isinstance(value, bool) or not math.isfinite(float(value)):    # nan/inf: no setting means that
+                raise ValueError(value)
+            return float(value)
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{source}: {f.metadata['path']} expects a {kind.__name__}, got {value!r}") from None
 
 
