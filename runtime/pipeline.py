@@ -139,6 +139,7 @@ class Pipeline:
         """Host<->device copies and host syncs of one generation on this backend, counted by its primitives for one
         image at two step counts: `fixed` is what a generation costs whatever its length, `per_step` what each
         step adds. How each backend counts host syncs is in `describe()["host_syncs"]`."""
+        self._counted(steps[0])       # makes the buffers: a lane's first generation also uploads its masked tokens
         short, long = (self._counted(n) for n in steps)
         per_step = Transfers(*(d // (steps[1] - steps[0]) for d in dataclasses.astuple(long - short)))
         fixed = short - Transfers(*(c * steps[0] for c in dataclasses.astuple(per_step)))

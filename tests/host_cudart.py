@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 from maskbit_runtime.backends.base import Transfers
+from maskbit_runtime.scheduler import ImageJob, Scheduler
 from maskbit_runtime.specs import COMPONENTS, STEP_SETTINGS, Dims
 
 GPU = {"name": "NVIDIA H200", "compute_capability": "9.0"}
@@ -433,3 +434,22 @@ def observed(cudart: HostCudart) -> Transfers:
     kinds = HostCudart.cudaMemcpyKind
     return Transfers(cudart.copies[kinds.cudaMemcpyHostToDevice], cudart.copies[kinds.cudaMemcpyDeviceToHost],
                      cudart.copies[kinds.cudaMemcpyDeviceToDevice], cudart.host_waits)
+
+
+def staggered(pipe, seed: int) -> tuple[list[ImageJob], Scheduler]:
+    """One image alone for two steps, then two more join it: the lane steps 1, 1, 3, 3, 3, 2, 1 rows, rows move
+    into the holes of finished ones, and every (rows, parity) gets its own binding."""
+    settings = lambda steps: pipe.sampling.with_overrides(num_steps=steps)
+    jobs = [ImageJob(1, seed, 0, settings(6)), ImageJob(7, seed, 1, settings(3)), ImageJob(3, seed, 2, settings(5))]
+    scheduler = Scheduler(pipe.backend, capacity=3)
+    scheduler.submit(jobs[:1])
+    scheduler.iterate()
+    scheduler.iterate()
+    scheduler.submit(jobs[1:])
+    while not scheduler.idle():
+        scheduler.iterate()
+    return jobs, scheduler
+
+
+def offline(cpu, job: ImageJob) -> np.ndarray:
+    return cpu.generate([job.label], num_steps=job.num_steps, seed=job.seed, first_index=job.index).tokens[0]

@@ -11,13 +11,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from host_cudart import HostCudart, HostOrt, observed, scheduled_copies
+from host_cudart import HostCudart, HostOrt, observed, offline, scheduled_copies, staggered
 from maskbit_runtime import Pipeline
 from maskbit_runtime.backends import cuda
 from maskbit_runtime.backends import ort as ort_backend
 from maskbit_runtime.backends.base import Transfers
 from maskbit_runtime.cli_common import DEMO_BUNDLE
-from maskbit_runtime.scheduler import ImageJob, Scheduler
 
 LABELS = [1, 7, 3]
 STEPS = 6
@@ -79,25 +78,6 @@ def test_graphed_steps_give_the_cpu_tokens_and_count_every_copy_and_wait(host, e
     assert all(s.cuda_options["user_compute_stream"] == str(stream) for s in host.sessions)
 
 
-def staggered(pipe: Pipeline) -> tuple[list[ImageJob], Scheduler]:
-    """One image alone for two steps, then two more join it: the lane steps 1, 1, 3, 3, 3, 2, 1 rows, rows move
-    into the holes of finished ones, and every (rows, parity) gets its own binding."""
-    settings = lambda steps: pipe.sampling.with_overrides(num_steps=steps)
-    jobs = [ImageJob(1, SEED, 0, settings(6)), ImageJob(7, SEED, 1, settings(3)), ImageJob(3, SEED, 2, settings(5))]
-    scheduler = Scheduler(pipe.backend, capacity=3)
-    scheduler.submit(jobs[:1])
-    scheduler.iterate()
-    scheduler.iterate()
-    scheduler.submit(jobs[1:])
-    while not scheduler.idle():
-        scheduler.iterate()
-    return jobs, scheduler
-
-
-def offline(cpu: Pipeline, job: ImageJob) -> np.ndarray:
-    return cpu.generate([job.label], num_steps=job.num_steps, seed=job.seed, first_index=job.index).tokens[0]
-
-
 @pytest.mark.parametrize("keys_ignore_rows", [False, True])
 def test_each_row_count_replays_its_own_graph(host, cpu, monkeypatch, keys_ignore_rows):
     """Control (keys_ignore_rows): graph ids keyed by addresses alone give the 3-row steps the graph captured for
@@ -106,7 +86,7 @@ def test_each_row_count_replays_its_own_graph(host, cpu, monkeypatch, keys_ignor
         monkeypatch.setattr(ort_backend, "graph_key", lambda component, tensors: (component, *(p for p, _ in tensors)))
     with Pipeline.load(DEMO_BUNDLE, providers=CUDA, cuda_graphs=True) as pipe:
         before = observed(host.cudart)
-        jobs, scheduler = staggered(pipe)
+        jobs, scheduler = staggered(pipe, SEED)
         counted, seen = pipe.backend.transfers, observed(host.cudart) - before
         (lane,) = scheduler.lanes()
     same = [np.array_equal(job.tokens, offline(cpu, job)) for job in jobs]

@@ -29,6 +29,10 @@ from .base import BackendError, Transfers
 from .cuda import Device, GraphCache, Pinned, Slice, Stream, gpu_info
 
 REBUILD = "rebuild with maskbit-export build-engines --backend tensorrt"
+HOST_SYNCS = ("the host's waits per generation: the download's stream synchronization (one per download, for all "
+              "its buffers), a page-locked staging array whose last upload was still in flight when it was about to "
+              "be rewritten (counted only when the host really waited), and an upload from pageable memory (not "
+              "the staging array: the driver may wait); runs and device-to-device copies never wait")
 
 
 def import_tensorrt():
@@ -203,7 +207,8 @@ class TensorRTPrimitives:
         if entry is not None and array is entry[1].array:
             entry[1].upload(buffer)          # asynchronous: page-locked memory
         else:
-            buffer.upload(array)             # from pageable memory: staged by the driver
+            buffer.upload(array)             # from pageable memory: staged by the driver, which may wait
+            self.transfers.host_syncs += 1
         self.transfers.host_to_device += 1
 
     def download(self, *buffers: Device) -> list[np.ndarray]:
@@ -237,7 +242,8 @@ class TensorRTPrimitives:
         graphs = "off (cuda_graphs=False)" if not self.cuda_graphs else f"off ({'; '.join(off)})" if off else "on"
         return {"backend": self.name, "tensorrt": self.trt.__version__, "device": self.device,
                 "gpu": self.gpu["name"], "compute_capability": self.gpu["compute_capability"], "cuda_graphs": graphs,
-                "engines": {k: v.engine for k, v in self.manifest.components.items() if v.engine}}
+                "host_syncs": HOST_SYNCS, "engines": {k: v.engine for k, v in self.manifest.components.items()
+                                                      if v.engine}}
 
     def close(self) -> None:
         if getattr(self, "stream", None) is None:
