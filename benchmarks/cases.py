@@ -16,8 +16,9 @@ from maskbit_export.tolerances import tolerance
 from maskbit_export.verify import (compare, distribution_report, eager_logits, run_eager, session_logits,
                                    step_feeds)
 from maskbit_runtime import specs
-from maskbit_runtime.loop import run_loop
+from maskbit_runtime.backends import Executor
 from maskbit_runtime.noise import StepNoise
+from maskbit_runtime.scheduler import ImageJob, Scheduler
 from official_loop import official_generate, official_step
 
 import maskbit
@@ -74,12 +75,30 @@ def step_cases(generator, pipelines, labels: np.ndarray) -> Cases:
             return official_step(generator, tokens, t_labels, i, num_steps, **official)
 
     cases = {"eager_fp32": eager_fp32, "eager_bf16": eager_bf16}
-    noise = StepNoise(0, len(labels), cfg.num_tokens, cfg.codebook_splits).draw()
     for precision, pipe in pipelines.items():
-        stepper = pipe.backend.stepper(len(labels))
-        stepper.start(labels)
-        cases[f"ort_{precision}"] = lambda stepper=stepper: stepper.step(noise, plan[i])
+        cases[f"ort_{precision}"] = scheduled_step(pipe, labels, settings, i)
     return cases
+
+
+def scheduled_step(pipe, labels: np.ndarray, settings: dict, i: int) -> Callable[[], object]:
+    """One `Scheduler.iterate()` over len(labels) images held at step i of a generation of the settings' length:
+    the step graph plus the host's per-step work (noise drawn for every row, the per-row settings and the noise
+    uploaded, the binding run; no retirement, no decode). The images are admitted before timing, and each call
+    winds their step counter back to i, so every call runs step i. Its own executor over the pipeline's
+    primitives keeps these slots apart from the pipeline's generations."""
+    plan = pipe.sampling.with_overrides(**settings)
+    if not 0 <= i <= plan.num_steps - 2:
+        raise ValueError(f"step {i} of {plan.num_steps} would be the last: that call would retire and decode")
+    jobs = [ImageJob(int(label), 0, j, plan) for j, label in enumerate(labels)]
+    scheduler = Scheduler(Executor(pipe.backend.primitives, pipe.manifest), capacity=len(labels))
+    scheduler.submit(jobs)
+    scheduler.iterate()                  # admission (and one step) outside the timed calls
+
+    def step():
+        for job in jobs:
+            job.step = i
+        return scheduler.iterate()
+    return step
 
 
 def step_checks(generator, pipelines, labels: np.ndarray, gate: dict) -> dict[str, Callable[[], None]]:
@@ -145,10 +164,12 @@ def overhead_cases(generator, pipe, labels: np.ndarray, num_steps: int) -> Cases
 
     (loop time / steps) - (one guided transformer forward) is the loop's own cost per step: sampling, re-masking,
     noise, schedules, buffer updates and Python. It does not depend on depth, so it is measured here, where it
-    is not lost in the noise of a full-size forward, and then compared with a full-size step.
+    is not lost in the noise of a full-size forward, and then compared with a full-size step. The runtime's loop
+    is `Scheduler.run` over the images (the one execution model), so it also includes their admission and the
+    final combine + decode, spread over the steps (the eager loop stops at the sampled groups).
     """
     cfg = generator.config
-    plan, settings = sampling_plan(generator, num_steps)
+    _, settings = sampling_plan(generator, num_steps)
     t_labels = torch.from_numpy(labels)
     tokens = torch.from_numpy(mid_generation_tokens(cfg, len(labels)))
     doubled = (torch.cat([tokens, tokens]), torch.cat([t_labels, t_labels]),
@@ -169,9 +190,13 @@ def overhead_cases(generator, pipe, labels: np.ndarray, num_steps: int) -> Cases
         with torch.inference_mode():
             return generator(*doubled)
 
+    executor = Executor(pipe.backend.primitives, pipe.manifest)       # its own slots, apart from the pipeline's
+    sampling = pipe.sampling.with_overrides(**settings)
+
     def ort_loop():
-        noise = StepNoise(0, len(labels), cfg.num_tokens, cfg.codebook_splits)
-        return run_loop(pipe.backend.stepper(len(labels)), labels, plan, noise)
+        jobs = [ImageJob(int(label), 0, j, sampling) for j, label in enumerate(labels)]
+        Scheduler(executor, capacity=len(labels)).run(jobs)
+        return jobs
 
     return {"eager_loop": eager_loop, "eager_forward": eager_forward, "ort_loop": ort_loop,
             "ort_forward": lambda: session.run_with_iobinding(binding)}

@@ -111,7 +111,8 @@ def aoti_case(tokenizer, generator, labels, settings, device, folder: Path) -> t
     CUDA graphs on a GPU; generation(settings) runs other settings."""
     from maskbit_runtime import Pipeline
     bundle = aoti_bundle(tokenizer, generator, len(labels), device, folder)
-    pipe = Pipeline.load(bundle, backend="aoti", device=device.type, cuda_graphs=device.type == "cuda")
+    pipe = Pipeline.load(bundle, backend="aoti", device=device.type, cuda_graphs=device.type == "cuda",
+                         trust_native_code=True)          # packages this script compiled itself
     side = generator.config.latent_size
     indices = np.random.default_rng(0).integers(0, tokenizer.config.codebook_size, (len(labels), side, side))
     generate = lambda plan=settings: pipe.generate(labels, seed=0, **plan.to_dict()).images
