@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from host_cudart import scheduled_copies
 from maskbit_export.aoti import build_aoti
 from maskbit_export.aoti_backend import COMPONENT_KEY, AotiPrimitives, WaitCounter
 from maskbit_export.bundle import ExportOptions, build_bundle
@@ -80,8 +81,9 @@ def test_manifest_records_packages_torch_and_device(bundle):
 def test_generation_equals_eager_token_for_token(bundle, models):
     tok, gen = models
     eager = maskbit.generate(tok, gen, labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)
-    with Pipeline.load(bundle, backend="aoti", trust_native_code=True) as pipe:       # max batch 2: batches of 2 and 1
+    with Pipeline.load(bundle, backend="aoti", trust_native_code=True) as pipe:       # max batch 2: rounds of 2 and 1
         out = pipe.generate(labels=LABELS, num_steps=STEPS, guidance_scale=3.0, seed=11)
+        assert pipe.last_transfers == scheduled_copies(len(LABELS), STEPS, capacity=2, new_lane=True)   # no syncs
         assert pipe.info()["runtime"]["backend"] == "aoti"
         assert pipe.info()["runtime"]["host_syncs"].startswith("none: on the CPU")
     np.testing.assert_array_equal(out.tokens, eager.tokens)
@@ -101,7 +103,8 @@ def test_guidance_zero_runs_the_unguided_package(bundle, models):
 
 def test_encode_and_decode_match_onnx_runtime(bundle):
     images = np.random.default_rng(5).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    with Pipeline.load(bundle, backend="aoti", trust_native_code=True) as aoti, Pipeline.load(bundle, backend="ort") as ort:
+    with Pipeline.load(bundle, backend="aoti", trust_native_code=True) as aoti, \
+            Pipeline.load(bundle, backend="ort") as ort:
         indices = aoti.encode(images)
         mismatch = (indices != ort.encode(images)).mean()
         decoded, reference = aoti.decode(indices), ort.decode(indices)
@@ -111,9 +114,10 @@ def test_encode_and_decode_match_onnx_runtime(bundle):
 
 
 def test_cli_generates_with_the_aoti_backend(bundle, models, tmp_path):
-    result = subprocess.run(["maskbit-run", "generate", "--bundle", str(bundle), "--backend", "aoti", "--trust-native-code", "--labels",
-                             "1,7", "--num-steps", str(STEPS), "--guidance-scale", "3", "--seed", "11",
-                             "--out", str(tmp_path / "imgs")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["maskbit-run", "generate", "--bundle", str(bundle), "--backend", "aoti",
+                             "--trust-native-code", "--labels", "1,7", "--num-steps", str(STEPS),
+                             "--guidance-scale", "3", "--seed", "11", "--out", str(tmp_path / "imgs")],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     eager = maskbit.generate(*models, labels=[1, 7], num_steps=STEPS, guidance_scale=3.0, seed=11)
     files = sorted((tmp_path / "imgs").iterdir())
@@ -139,10 +143,12 @@ def test_a_tampered_package_is_refused_in_one_line(bundle, tmp_path):
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with Pipeline.load(copy, backend="aoti", trust_native_code=True) as pipe, pytest.raises(BundleError, match="does not match its sha256"):
+    with Pipeline.load(copy, backend="aoti", trust_native_code=True) as pipe, \
+            pytest.raises(BundleError, match="does not match its sha256"):
         pipe.generate(labels=[1], num_steps=2)
-    result = CliRunner().invoke(run_cli, ["generate", "--bundle", str(copy), "--backend", "aoti", "--trust-native-code", "--labels", "1",
-                                          "--num-steps", "2", "--out", str(tmp_path / "x.png")])
+    result = CliRunner().invoke(run_cli, ["generate", "--bundle", str(copy), "--backend", "aoti",
+                                          "--trust-native-code", "--labels", "1", "--num-steps", "2",
+                                          "--out", str(tmp_path / "x.png")])
     lines = [line for line in re.split(r"[\r\n]", result.output) if line.strip()]   # after the progress bar
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert lines[-1].startswith("Error: ") and "sha256" in lines[-1] and sum("Error" in s for s in lines) == 1
@@ -164,7 +170,8 @@ def test_a_package_of_another_component_is_refused(bundle, tmp_path):
     copy = _copy(bundle, tmp_path)
     shutil.copyfile(copy / "combine.pt2", copy / "decoder.pt2")
     _edit_manifest(copy, "decoder", package_sha256=sha256_file(copy / "decoder.pt2"))
-    with Pipeline.load(copy, backend="aoti", trust_native_code=True) as pipe, pytest.raises(BackendError, match="holds component 'combine'"):
+    with Pipeline.load(copy, backend="aoti", trust_native_code=True) as pipe, \
+            pytest.raises(BackendError, match="holds component 'combine'"):
         pipe.decode(np.zeros((1, 8, 8), np.int64))
 
 

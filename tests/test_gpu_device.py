@@ -1,11 +1,12 @@
-"""GPU tier: the real cudart under the TensorRT backend's buffers, rows, page-locked memory and CUDA graphs; a staged
-AOTInductor generation on CUDA; and eager PyTorch on CUDA against the CPU.
+"""GPU tier: the real cudart under the TensorRT backend's buffers, rows, page-locked memory and CUDA graphs; an
+AOTInductor generation on CUDA through the slot scheduler; and eager PyTorch on CUDA against the CPU.
 
 The `gpu` tests skip with a reason on a machine without a CUDA GPU (scripts/gpu_suite.sh runs them where there is
 one). The CPU tier here catches what would break them first: ONNX sample inputs left on the CPU for a module on
 another device, and a stream address read with the int() that cuda-bindings 13 deprecates.
 """
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -41,26 +42,35 @@ def test_cuda_python_buffers_round_trip_on_the_real_cudart():
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_MISSING is not None, reason=str(GPU_MISSING))
 def test_rows_pinned_copies_and_graphs_on_the_real_cudart():
-    """What the TensorRT backend does per generation, without TensorRT: one asynchronous upload of a stacked buffer
-    from page-locked memory, rows copied on the device into a fixed buffer, a captured graph replayed."""
+    """What the TensorRT backend does under the scheduler, without TensorRT: masked rows copied on the device into
+    a range of the state (admission), asynchronous uploads from page-locked memory into buffers at fixed
+    addresses, and a graph per row range that reads those addresses, replayed with nothing copied first."""
     pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pip install 'maskbit[gpu]')")
     from maskbit_runtime.backends import cuda
     stream = cuda.Stream(0)
-    stack = cuda.Device((4, 64), "float32", stream)
-    fixed, out = cuda.Device((2, 5), "float32", stream), cuda.Device((2, 5), "float32", stream)
-    host, back = cuda.Pinned(stack.shape, "float32", stream), cuda.Pinned((2, 5), "float32", stream)
-    host.array[...] = np.arange(4 * 64, dtype=np.float32).reshape(4, 64)
-    host.upload(stack)
+    state, masked, out = (cuda.Device((4, 5), "int64", stream) for _ in range(3))
+    host, back = cuda.Pinned((4, 5), "int64", stream), cuda.Pinned((4, 5), "int64", stream)
+    host.array[...] = -1
+    host.upload(masked)
+    admitted = state.rows(1, 2)
+    stream.copy_device_to_device(admitted.ptr, masked.rows(0, 2).ptr, admitted.nbytes)
+    back.download(state)
+    back.wait()
+    np.testing.assert_array_equal(back.array[1:3], -1)
     graphs = cuda.GraphCache(stream)
-    for i in range(4):
-        fixed.copy_from(stack.row(i, (2, 5)))
-        graphs.run("parity", lambda: out.copy_from(fixed))       # captured at i == 0, replayed afterwards
-        back.download(out)
-        back.wait()
-        np.testing.assert_array_equal(back.array, np.arange(64 * i, 64 * i + 10).reshape(2, 5))
-    assert graphs.off is None and len(graphs.graphs) == 1
+    for i in range(3):
+        for rows in (1, 2):
+            host.wait()                                   # the last upload out of `host` has finished
+            host.array[...] = np.arange(20).reshape(4, 5) + 100 * i
+            host.upload(state)                            # new values at the address the graphs read
+            source, target = state.rows(1, rows), out.rows(0, rows)
+            graphs.run(rows, lambda: stream.copy_device_to_device(target.ptr, source.ptr, source.nbytes))
+            back.download(out)
+            back.wait()
+            np.testing.assert_array_equal(back.array[:rows], host.array[1:1 + rows])
+    assert graphs.off is None and sorted(graphs.graphs) == [1, 2]
     graphs.clear()
-    for buffer in (stack, fixed, out, host, back):
+    for buffer in (state, masked, out, host, back):
         buffer.free()
     stream.close()
 
@@ -118,24 +128,30 @@ def aoti_cuda(tmp_path_factory):
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_MISSING is not None, reason=str(GPU_MISSING))
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_aoti_cuda_generation_uploads_once_and_counts_every_host_wait(aoti_cuda, cuda_graphs):
-    """7 uploads and 2 downloads per generation; host waits: the download's, plus one per package on its first
-    call (the runtime folds constants and waits), plus, threaded (no graphs), up to one per repeated step call."""
+def test_aoti_cuda_generation_makes_the_schedulers_copies_and_counts_every_host_wait(aoti_cuda, cuda_graphs):
+    """The scheduler's copies per generation (host_cudart.scheduled_copies; a new lane also uploads its masked
+    tokens); host waits: the download's, plus one per package on its first call (the runtime folds constants and
+    waits), plus any staging upload still in flight and, threaded (no graphs), up to one per repeated step call."""
+    from host_cudart import scheduled_copies
     from maskbit_runtime import Pipeline
     root, tok, gen = aoti_cuda
-    eager = maskbit.generate(tok, gen, labels=[1, 7, 3], num_steps=6, guidance_scale=3.0, seed=11)
+    labels = [1, 7, 3]
+    eager = maskbit.generate(tok, gen, labels=labels, num_steps=6, guidance_scale=3.0, seed=11)
     with Pipeline.load(root, backend="aoti", trust_native_code=True, cuda_graphs=cuda_graphs) as pipe:
         packages, loaded = pipe.backend.primitives._packages, 0
-        for steps in (6, 6, 9):
-            out = pipe.generate(labels=[1, 7, 3], num_steps=steps, guidance_scale=3.0, seed=11)
+        for generation, steps in enumerate((6, 6, 9)):
+            out = pipe.generate(labels=labels, num_steps=steps, guidance_scale=3.0, seed=11)
             moved = pipe.last_transfers
             first_calls, loaded = len(packages) - loaded, len(packages)
-            assert (moved.host_to_device, moved.device_to_host) == (7, 2), steps
-            assert moved.device_to_device == (5 * steps if cuda_graphs else 0), steps
+            copies = scheduled_copies(len(labels), steps, pipe.manifest.max_batch("step"), new_lane=generation == 0)
+            assert dataclasses.replace(moved, host_syncs=0) == copies, (steps, moved)
             runtime_waits = moved.host_syncs - 1 - first_calls
             assert (runtime_waits == 0) if cuda_graphs else (0 <= runtime_waits <= steps - 1), (steps, moved)
             if steps == 6:
                 np.testing.assert_array_equal(out.tokens, eager.tokens)
+        (lane,) = pipe.backend.lanes.values()
+        assert sorted(lane.bindings) == [(len(labels), 0), (len(labels), 1)]
+        assert len(pipe.backend.primitives._graphs) == (len(lane.bindings) if cuda_graphs else 0)   # one per binding
         assert pipe.info()["runtime"]["run_single_threaded"] == cuda_graphs
 
 

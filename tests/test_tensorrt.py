@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from host_cudart import HostCudart
+from host_cudart import HostCudart, scheduled_copies
 from maskbit_export.cli import main as export_cli
 from maskbit_runtime import Pipeline
 from maskbit_runtime.backends import BackendError, open_backend
-from maskbit_runtime.backends.base import Transfers
 from maskbit_runtime.backends.tensorrt import check_engines
 from maskbit_runtime.manifest import Manifest
 
@@ -224,28 +223,36 @@ class TestTensorRT:
         np.testing.assert_array_equal(out.tokens, eager.tokens)
         assert np.abs(out.images.astype(np.int16) - eager.images.astype(np.int16)).max() <= 1
 
-    def test_graphs_replay_staged_steps_with_one_host_sync(self, trt_bundle, eager):
-        """The step runs as two CUDA graphs (one per parity); each generation uploads its inputs once and waits
-        once; without graphs the tokens are the same."""
+    def test_graphs_replay_each_binding_with_nothing_copied_first(self, trt_bundle, eager):
+        """The step runs as CUDA graphs, one per (rows, parity) binding of the scheduler's lane; a generation makes
+        the scheduler's copies (host_cudart.scheduled_copies) and waits once, for the download, plus any staging
+        upload still in flight (counted only when the host really waited); without graphs the tokens are the same."""
         with Pipeline.load(trt_bundle, backend="tensorrt", trust_native_code=True) as pipe:
-            for _ in range(2):
+            capacity = pipe.manifest.max_batch("step")
+            for generation in (1, 2):
                 out = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
                 np.testing.assert_array_equal(out.tokens, eager.tokens)
-                assert pipe.last_transfers == Transfers(7, 2, 5 * STEPS, 1)
+                moved = pipe.last_transfers
+                copies = scheduled_copies(len(LABELS), STEPS, capacity, new_lane=generation == 1)
+                assert dataclasses.replace(moved, host_syncs=0) == copies and moved.host_syncs >= 1, moved
             assert pipe.info()["runtime"]["cuda_graphs"] == "on"
-            assert len(pipe.backend.primitives.engine("step").graphs.graphs) == 2
+            (lane,) = pipe.backend.lanes.values()
+            assert len(pipe.backend.primitives.engine("step").graphs.graphs) == len(lane.bindings) == 2
         with Pipeline.load(trt_bundle, backend="tensorrt", trust_native_code=True, cuda_graphs=False) as pipe:
             out = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
-            assert pipe.last_transfers == Transfers(7, 2, 0, 1)
+            moved = pipe.last_transfers
         np.testing.assert_array_equal(out.tokens, eager.tokens)
+        copies = scheduled_copies(len(LABELS), STEPS, capacity, new_lane=True)
+        assert dataclasses.replace(moved, host_syncs=0) == copies and moved.host_syncs >= 1, moved
 
-    def test_batches_beyond_the_profile_are_split(self, trt_bundle, models):
+    def test_more_images_than_slots_go_through_in_rounds(self, trt_bundle, models):
         tok, gen = models
-        labels = [1, 2, 3, 4, 5, 6]                      # profile max is 4: chunks of 4 and 2
+        labels = [1, 2, 3, 4, 5, 6]                      # profile max is 4: rounds of 4 and 2 rows
         expected = maskbit.generate(tok, gen, labels=labels, seed=0, num_steps=STEPS).tokens
         with Pipeline.load(trt_bundle, backend="tensorrt", trust_native_code=True) as pipe:
             tokens = pipe.generate(labels=labels, seed=0, num_steps=STEPS).tokens
-            assert sorted(batch for _, batch in pipe.backend._steppers) == [2, 4]
+            (lane,) = pipe.backend.lanes.values()
+            assert lane.capacity == 4 and sorted({rows for rows, _ in lane.bindings}) == [2, 4]
         np.testing.assert_array_equal(tokens, expected)
 
     def test_encode_and_decode_match_onnx_runtime(self, trt_bundle, eager):
@@ -277,9 +284,13 @@ def test_onnx_runtime_cuda_generation_matches_eager_tokens(cli_run, eager, cuda_
                        cuda_graphs=cuda_graphs) as pipe:
         assert pipe.backend.primitives.device == "cuda"
         result = pipe.generate(labels=LABELS, seed=0, num_steps=STEPS)
-        if cuda_graphs:
-            assert pipe.info()["runtime"]["cuda_graphs"] == "on"
-            assert pipe.last_transfers == Transfers(7, 2, 5 * STEPS, 1)
+        assert pipe.info()["runtime"]["cuda_graphs"] == ("on" if cuda_graphs else "off (cuda_graphs=False)")
+        # every upload is a blocking copy; one wait per download plus one per downloaded buffer (images,
+        # indices); without graphs every run (each step, combine, decode) synchronizes too
+        copies = scheduled_copies(len(LABELS), STEPS, pipe.manifest.max_batch("step"), new_lane=True)
+        runs = 0 if cuda_graphs else STEPS + 2
+        syncs = copies.host_to_device + 1 + copies.device_to_host + runs
+        assert pipe.last_transfers == dataclasses.replace(copies, host_syncs=syncs)
     np.testing.assert_array_equal(result.tokens, eager.tokens)
     assert np.abs(result.images.astype(np.int16) - eager.images.astype(np.int16)).max() <= 1
 
