@@ -308,7 +308,9 @@ class Scheduler:
         rows = finished + previews
         for start in range(0, len(rows), self.decode_batch):
             part = rows[start:start + self.decode_batch]
-            finisher = self.executor.finisher(len(part))
+            # buffers for a power-of-two number of rows: a few sizes serve every count (the padding rows decode
+            # whatever they hold, and are not returned)
+            finisher = self.executor.finisher(min(1 << (len(part) - 1).bit_length(), self.decode_batch))
             copy_rows(lane.primitives, finisher.groups, lane.sampled, list(enumerate(part)))
             images, indices = finisher.run()
             for i, r in enumerate(part):
