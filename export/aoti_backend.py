@@ -1,12 +1,12 @@
 """AOTInductor primitives: one compiled `.pt2` package per component, torch tensors on one device as buffers.
 
-The shared executor (`base.Executor`) drives these like the other backends: its two step bindings differ only in
-which token tensor is `tokens` and which is `next_tokens`, so the state stays on the device and ping-pongs.
-A compiled package returns new tensors, so `run` copies them into the bound output buffers (`copy_`, on the
-device). A row of a stacked buffer (`view`) is a torch view, read in place. On a GPU, uploads from the staging
-arrays (pinned memory) are asynchronous and downloads wait once, and `cuda_graphs=True` captures the step (the
-package call and its copies) once per ping-pong parity and replays it: as with TensorRT, a staged step's rows are
-first copied on the device into fixed tensors, which the graph reads.
+The slot scheduler (`maskbit_runtime.scheduler`) drives these like the other backends: its step bindings differ
+in how many slot rows they cover and in which token tensor is `tokens` and which `next_tokens`, so the state stays
+on the device and ping-pongs. A compiled package returns new tensors, so `run` copies them into the bound output
+buffers (`copy_`, on the device). A range of rows (`rows`) is a torch view, read in place; `copy` moves rows on
+the device. On a GPU, uploads from the staging arrays (pinned memory) are asynchronous and downloads wait once,
+and `cuda_graphs=True` captures each step binding (the package call and its copies) once and replays it: a
+binding always reads the same tensors, so nothing is copied into fixed inputs first.
 
 Graph replay needs packages loaded with `run_single_threaded=True` (PyTorch PR #148601): the default, threaded
 runtime queries a CUDA event before each call, which capture forbids. Host waits are counted for every generation,
@@ -19,7 +19,7 @@ finished, which `WaitCounter` sees with an event recorded after each call and qu
 Packages are tied to the PyTorch version that compiled them and to their device (cpu or cuda); the manifest's
 record of both is compared with this process before any package is loaded. This backend is torch-based, so it
 lives here, with the exporter, rather than in `maskbit_runtime`, which never imports torch: `open_backend("aoti")`
-loads it from this package, and torch only then.
+finds it through the `maskbit_runtime.backends` entry point, and torch is imported only then.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A backend implements only small primitives over its own buffers (`Primitives`: allocate, rows, staging, upload,
 copy, download, bind, run, close). Everything above them, the slot scheduler that runs every generation
-(`maskbit_runtime.scheduler`) and combine-then-decode (`Executor.finish`), is written once, so ONNX Runtime,
+(`maskbit_runtime.scheduler`) and combine-then-decode (`Finisher`), is written once, so ONNX Runtime,
 TensorRT and AOTInductor run one algorithm. Buffers and bindings are made once per batch size and reused; a
 binding always reads and writes the same addresses, so a backend may replay it as a CUDA graph (`graphed` role
 of the component's spec) without copying anything into fixed inputs first.
