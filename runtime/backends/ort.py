@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import MissingDependencyError
 from ..manifest import Manifest
 from .base import BackendError, Transfers, check_component_io
+from .probe import probe
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
@@ -169,6 +170,9 @@ class OrtPrimitives:
             declared = {t.name: (_ORT_TYPES.get(t.type, t.type), len(t.shape)) for t in tensors}
             shapes = {t.name: tuple(s if isinstance(s, int) else None for s in t.shape) for t in tensors}
             check_component_io(self.manifest.spec(component), declared, str(path), shapes, self.manifest.dims)
+            if self.device == "cpu":      # what the graph computes (CUDA sessions may capture graphs: not probed)
+                names = [t.name for t in session.get_outputs()]
+                probe(self.manifest, component, lambda feeds: dict(zip(names, session.run(names, feeds))), str(path))
             self._sessions[component] = session
         return self._sessions[component]
 
