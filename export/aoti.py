@@ -30,13 +30,13 @@ import torch
 from maskbit_runtime.errors import InputError, MaskbitError
 from maskbit_runtime.files import StagedFiles
 from maskbit_runtime.manifest import Manifest, sha256_file
-from maskbit_runtime.specs import COMPONENTS, TRANSFORMER, ComponentSpec, Dims
+from maskbit_runtime.specs import COMPONENTS, DEFAULT_COMPONENTS, TRANSFORMER, ComponentSpec, Dims
 from torch import nn
 
 from maskbit.generator import Generator
 from maskbit.tokenizer import Tokenizer
 
-from .aoti_backend import COMPONENT_KEY, DEVICES, PACKAGE_KEYS, REBUILD, RUNTIME_COMPONENTS
+from .aoti_backend import COMPONENT_KEY, DEVICES, PACKAGE_KEYS, REBUILD
 
 from .graphs import graph_module, sample_inputs
 from .tolerances import tolerance
@@ -198,7 +198,7 @@ def build_aoti(bundle_dir: str | Path, tokenizer: Tokenizer, generator: Generato
                 components_[name], package=path.name, package_sha256=sha256_file(path), package_precision=effective,
                 package_device=device, torch_version=torch.__version__)
         manifest.replace(components=components_).write(root)
-    missing = [n for n in RUNTIME_COMPONENTS if n in manifest.components and n not in built
+    missing = [n for n in DEFAULT_COMPONENTS if n in manifest.components and n not in built
                and not manifest.components[n].package]
     progress(f"wrote {len(built)} AOTInductor packages for {device} (torch {torch.__version__})"
              + (f"; still without a package: {', '.join(missing)} ({REBUILD})" if missing else ""))

@@ -33,15 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from maskbit_runtime.backends.base import BackendError, Transfers
+from maskbit_runtime.backends.base import CUDA_GRAPHS, BackendError, Transfers, check_built
 from maskbit_runtime.errors import MissingDependencyError
 from maskbit_runtime.manifest import Manifest
-from maskbit_runtime.specs import DEFAULT_COMPONENTS
 
 DEVICES = ("cpu", "cuda")
 PACKAGE_KEYS = ("package", "package_sha256", "package_precision", "package_device", "torch_version")
-REBUILD = "rebuild with maskbit-export build-engines --backend aoti"
-RUNTIME_COMPONENTS = DEFAULT_COMPONENTS      # what the runtime executes (the transformer serves studies)
+BUILD = "maskbit-export build-engines --backend aoti"
+REBUILD = f"rebuild with {BUILD}"
 COMPONENT_KEY = "maskbit_component"     # package metadata written by maskbit_export.aoti
 EXTRACTED_PREFIX = "aotinductor_"       # the package loader's folder in the temporary directory
 CPU_SYNCS = "none: on the CPU nothing runs asynchronously"
@@ -63,17 +62,13 @@ def import_torch():
 
 def check_packages(manifest: Manifest, torch_version: str, device: str) -> None:
     """Raise BackendError unless every component the runtime needs has a package for this torch and device."""
-    components = manifest.components
-    missing = [n for n in RUNTIME_COMPONENTS if n in components and components[n].package is None]
-    if missing:
-        raise BackendError(f"bundle {manifest.root} has no AOTInductor package for {', '.join(missing)}; build them "
-                           f"with maskbit-export build-engines --backend aoti (or maskbit_export.aoti.build_aoti)")
-    for entry in components.values():
-        if entry.package is None:
-            continue
-        if entry.torch_version != torch_version or entry.package_device != device:
-            raise BackendError(f"package {entry.package} was compiled for {entry.package_device} with torch "
-                               f"{entry.torch_version}, but this is {device} with torch {torch_version}; {REBUILD}")
+    def mismatch(entry) -> str | None:
+        if entry.torch_version == torch_version and entry.package_device == device:
+            return None
+        return (f"package {entry.package} was compiled for {entry.package_device} with torch {entry.torch_version}, "
+                f"but this is {device} with torch {torch_version}")
+
+    check_built(manifest, "package", "AOTInductor package", BUILD, mismatch)
 
 
 def default_device(manifest: Manifest) -> str:
@@ -117,7 +112,7 @@ def remove_failed_extractions(before: set[str], package: Path) -> None:
 class AotiPrimitives:
     name = "aoti"
 
-    def __init__(self, manifest: Manifest, device: str | None = None, cuda_graphs: bool = False):
+    def __init__(self, manifest: Manifest, device: str | None = None, cuda_graphs: bool = CUDA_GRAPHS):
         self.torch = torch = import_torch()
         device = device or default_device(manifest)
         if device not in DEVICES:
@@ -130,6 +125,7 @@ class AotiPrimitives:
         self.device = torch.device(device)
         self.cuda_graphs = bool(cuda_graphs) and device == "cuda"
         self.single_threaded = self.cuda_graphs        # capture forbids the threaded runtime's event queries
+        self.graphs_off: dict[str, str] = {}           # component -> why its capture failed
         self.transfers = Transfers()
         self._packages: dict[str, Any] = {}
         self._staging: dict[int, Staging] = {}
@@ -214,7 +210,8 @@ class AotiPrimitives:
                        [buffers[t.name] for t in spec.outputs])
 
     def run(self, binding: Binding) -> None:
-        if self.cuda_graphs and self.manifest.spec(binding.component).graphed:
+        if self.cuda_graphs and self.manifest.spec(binding.component).graphed and \
+                binding.component not in self.graphs_off:
             self._replay(binding)
         else:
             with self.torch.inference_mode():
@@ -231,8 +228,14 @@ class AotiPrimitives:
                 binding.call(inputs)                                 # warm-up: loads kernels, sizes the workspace
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.inference_mode():
-                binding.call(inputs)
+            try:
+                with torch.cuda.graph(graph), torch.inference_mode():
+                    binding.call(inputs)
+            except RuntimeError as exc:      # capture refused: this component runs plainly from now on
+                self.graphs_off[binding.component] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                with torch.inference_mode():
+                    binding.call(inputs)
+                return
             self._graphs[key] = graph
         self._graphs[key].replay()
 
@@ -240,7 +243,9 @@ class AotiPrimitives:
         torch = self.torch
         cuda = self.device.type == "cuda"
         info = {"backend": self.name, "torch": torch.__version__, "device": str(self.device),
-                "cuda_graphs": self.cuda_graphs, "run_single_threaded": self.single_threaded,
+                "cuda_graphs": (("off for " + "; ".join(f"{k}: {v}" for k, v in self.graphs_off.items()))
+                                if self.graphs_off else "on" if self.cuda_graphs else "off"),
+                "run_single_threaded": self.single_threaded,
                 "host_syncs": CUDA_SYNCS.format(threaded="" if self.single_threaded else THREADED_SYNCS) if cuda
                 else CPU_SYNCS,
                 "packages": {k: v.package for k, v in self.manifest.components.items() if v.package}}

@@ -112,7 +112,7 @@ def test_a_refused_capture_runs_without_graphs_and_says_why(monkeypatch, expecte
 
 
 def test_without_graphs_every_run_synchronizes(host, expected):
-    with Pipeline.load(DEMO_BUNDLE, providers=CUDA) as pipe:
+    with Pipeline.load(DEMO_BUNDLE, providers=CUDA, cuda_graphs=False) as pipe:
         tokens, counted, seen = generate(pipe, host.cudart)
         info = pipe.info()["runtime"]
     np.testing.assert_array_equal(tokens, expected)

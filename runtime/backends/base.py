@@ -11,15 +11,19 @@ of the component's spec) without copying anything into fixed inputs first.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from ..errors import MaskbitError
-from ..manifest import Manifest
-from ..specs import BATCH, COMBINE, DECODER, ENCODER, GROUPS, IMAGES, INDICES, ComponentSpec, Dims
+from ..manifest import ComponentEntry, Manifest
+from ..specs import BATCH, COMBINE, DECODER, DEFAULT_COMPONENTS, ENCODER, GROUPS, IMAGES, INDICES, ComponentSpec, Dims
+
+# On a GPU every backend replays the graphed components (specs' `graphed` role) as CUDA graphs unless opened with
+# cuda_graphs=False; a capture that fails falls back to plain runs, and `describe()` says why
+CUDA_GRAPHS = True
 
 
 class BackendError(MaskbitError, RuntimeError):
@@ -181,6 +185,20 @@ class Executor:
         self._finishers.clear()
         self._io.clear()
         self.primitives.close()
+
+
+def check_built(manifest: Manifest, kind: str, what: str, rebuild: str,
+                mismatch: Callable[[ComponentEntry], str | None]) -> None:
+    """Raise BackendError unless every component the runtime runs has its built file of `kind` ("engine",
+    "package") and `mismatch(entry)` finds nothing wrong with each one there is (another GPU, version, device)."""
+    components = manifest.components
+    missing = [name for name in DEFAULT_COMPONENTS if name in components and getattr(components[name], kind) is None]
+    if missing:
+        raise BackendError(f"bundle {manifest.root} has no {what} for {', '.join(missing)}; build them with {rebuild}")
+    for entry in components.values():
+        why = mismatch(entry) if getattr(entry, kind) is not None else None
+        if why:
+            raise BackendError(f"{why}; rebuild with {rebuild}")
 
 
 def check_component_io(spec: ComponentSpec, declared: Mapping[str, tuple[str, int]], where: str,

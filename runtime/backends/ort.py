@@ -12,14 +12,13 @@ memmove on the CPU and, on CUDA, cudaMemcpyAsync (cuda-python) on a stream this 
 Runtime as its compute stream ("user_compute_stream"), so copies and runs are ordered without a wait. Without
 CUDA graphs the CUDA provider synchronizes its stream at the end of every run, which `transfers` counts too.
 
-CUDA graphs (`cuda_graphs=True`, on CUDA): ONNX Runtime's own capture ("enable_cuda_graph") replays the input
-and output addresses and shapes it captured per graph id ("gpu_graph_id" run option); every step binding (one per
-number of occupied slots and ping-pong parity) binds fixed addresses, so each gets its own id, keyed by every
-tensor's address and shape (row ranges of one buffer share their start address), and nothing is copied before a
-replay. Runs then do not synchronize ("disable_synchronize_execution_providers").
-When ONNX Runtime refuses capture for a graph (for example, nodes placed on the CPU), that component runs without
-graphs and `describe` says why.
-"""
+CUDA graphs (on CUDA, by default as on every backend: `base.CUDA_GRAPHS`; `cuda_graphs=False` to turn off): ONNX
+Runtime's own capture ("enable_cuda_graph") replays the input and output addresses and shapes it captured per graph
+id ("gpu_graph_id" run option); every step binding (one per number of occupied slots and ping-pong parity) binds
+fixed addresses, so each gets its own id, keyed by every tensor's address and shape (row ranges of one buffer share
+their start address), and nothing is copied before a replay. Runs then do not synchronize
+("disable_synchronize_execution_providers"). When ONNX Runtime refuses capture for a graph (for example, nodes
+placed on the CPU), that component runs without graphs and `describe` says why. """
 
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ import numpy as np
 
 from ..errors import MissingDependencyError
 from ..manifest import Manifest
-from .base import BackendError, Transfers, check_component_io
+from .base import CUDA_GRAPHS, BackendError, Transfers, check_component_io
 from .probe import probe
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -101,7 +100,7 @@ class OrtPrimitives:
     name = "ort"
 
     def __init__(self, manifest: Manifest, providers: list[str] | None = None, threads: int | None = None,
-                 provider_options: dict[str, dict[str, str]] | None = None, cuda_graphs: bool = False):
+                 provider_options: dict[str, dict[str, str]] | None = None, cuda_graphs: bool = CUDA_GRAPHS):
         """`provider_options`: per provider name, e.g. {"CUDAExecutionProvider": {"use_tf32": "0"}} for exact
         float32 parity on GPUs (ONNX Runtime's CUDA provider uses TF32 by default). `cuda_graphs`: replay the step
         as CUDA graphs on CUDA (see the module notes; ignored on the CPU)."""

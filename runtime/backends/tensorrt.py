@@ -6,11 +6,11 @@ when they changed and points the context's tensor addresses at its buffers (`set
 changed), so the state never leaves the device. Uploads from the staging arrays (page-locked) and downloads are
 asynchronous on the backend's one stream; rows are moved with device-to-device copies on the same stream.
 
-CUDA graphs (on by default, `cuda_graphs=False` to turn off): every step binding reads and writes fixed
-addresses, so a step is captured once per (rows, parity) and replayed with nothing copied first. The context
-holds one set of input shapes, so a change in the number of occupied rows drops the captured graphs and the next
-steps capture again (a generation whose rows all start and end together captures two graphs). If a capture fails,
-the step runs without graphs and `describe()` says why.
+CUDA graphs (on by default, as on every backend: `base.CUDA_GRAPHS`; `cuda_graphs=False` to turn off): every step
+binding reads and writes fixed addresses, so a step is captured once per (rows, parity) and replayed with nothing
+copied first. The context holds one set of input shapes, so a change in the number of occupied rows drops the
+captured graphs and the next steps capture again (a generation whose rows all start and end together captures two
+graphs). If a capture fails, the step runs without graphs and `describe()` says why.
 
 Engines are tied to the TensorRT version and the GPU they were built on; before any engine is deserialized the
 manifest's record of both is compared with this machine's. TensorRT and cuda-python are imported only when the
@@ -24,11 +24,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..manifest import Manifest
-from ..specs import DEFAULT_COMPONENTS, ComponentSpec
-from .base import BackendError, Transfers
+from ..specs import ComponentSpec
+from .base import CUDA_GRAPHS, BackendError, Transfers, check_built
 from .cuda import Device, GraphCache, Pinned, Slice, Stream, gpu_info
 
-REBUILD = "rebuild with maskbit-export build-engines --backend tensorrt"
+BUILD = "maskbit-export build-engines --backend tensorrt"
+REBUILD = f"rebuild with {BUILD}"
 HOST_SYNCS = ("the host's waits per generation: the download's stream synchronization (one per download, for all "
               "its buffers), a page-locked staging array whose last upload was still in flight when it was about to "
               "be rewritten (counted only when the host really waited), and an upload from pageable memory (not "
@@ -68,22 +69,15 @@ def describe_gpu(gpu: dict) -> str:
 
 def check_engines(manifest: Manifest, tensorrt_version: str, gpu: dict) -> None:
     """Raise BackendError unless every component the runtime needs has an engine built for this TensorRT and GPU."""
-    components = manifest.components
-    missing = [name for name in DEFAULT_COMPONENTS if name in components and components[name].engine is None]
-    if missing:
-        raise BackendError(f"bundle {manifest.root} has no TensorRT engine for {', '.join(missing)}; build them "
-                           f"with maskbit-export build-engines --backend tensorrt "
-                           f"(or maskbit_export.tensorrt.build_engines)")
-    for entry in components.values():
-        if entry.engine is None:
-            continue
-        built_version, built_gpu = entry.tensorrt_version, entry.gpu or {}
-        same_gpu = (built_gpu.get("name"), built_gpu.get("compute_capability")) == \
-            (gpu["name"], gpu["compute_capability"])
-        if built_version != tensorrt_version or not same_gpu:
-            raise BackendError(f"engine {entry.engine} was built for GPU {describe_gpu(built_gpu)} (TensorRT "
-                               f"{built_version}) but this is GPU {describe_gpu(gpu)} (TensorRT {tensorrt_version}); "
-                               f"{REBUILD}")
+    def mismatch(entry) -> str | None:
+        built = entry.gpu or {}
+        if entry.tensorrt_version == tensorrt_version and \
+                (built.get("name"), built.get("compute_capability")) == (gpu["name"], gpu["compute_capability"]):
+            return None
+        return (f"engine {entry.engine} was built for GPU {describe_gpu(built)} (TensorRT {entry.tensorrt_version}) "
+                f"but this is GPU {describe_gpu(gpu)} (TensorRT {tensorrt_version})")
+
+    check_built(manifest, "engine", "TensorRT engine", BUILD, mismatch)
 
 
 class Engine:
@@ -157,7 +151,7 @@ class Engine:
 class TensorRTPrimitives:
     name = "tensorrt"
 
-    def __init__(self, manifest: Manifest, device: int = 0, cuda_graphs: bool = True):
+    def __init__(self, manifest: Manifest, device: int = 0, cuda_graphs: bool = CUDA_GRAPHS):
         self.trt = import_tensorrt()
         self.gpu = gpu_info(device)              # imports cuda-python; fails clearly without a GPU
         check_engines(manifest, self.trt.__version__, self.gpu)
