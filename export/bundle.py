@@ -3,7 +3,8 @@
 Everything is written into a hidden temporary directory next to the target, whose manifest says
 `complete: false` until verification has passed; the directory is renamed into place at the end
 (`maskbit_runtime.files.atomic_directory`), so an interrupted build never leaves a bundle that loads. One export at
-a time may write a given `--out` (a lock next to it), and `force` replaces only a directory that is itself a bundle.
+a time may write a given `--out` (a lock next to it), and `force` replaces only a bundle that holds nothing but what
+this tool wrote (the files its manifest names, the manifest, the TensorRT timing cache and their temporaries).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,18 +22,20 @@ from pathlib import Path
 import torch
 from maskbit_runtime.errors import InputError
 from maskbit_runtime.files import FileLock, atomic_directory
-from maskbit_runtime.manifest import (FORMAT, MANIFEST, BatchProfile, ComponentEntry, Manifest, TensorEntry,
-                                      check_class_names, sha256_file)
+from maskbit_runtime.manifest import (FILE_KINDS, FORMAT, MANIFEST, BatchProfile, ComponentEntry, Manifest,
+                                      TensorEntry, check_class_names, sha256_file)
 from maskbit_runtime.specs import COMPONENTS, DEFAULT_COMPONENTS, OPTIONAL_COMPONENTS, ComponentSpec
 
 from maskbit.config import ModelConfig
 from maskbit.generator import Generator
 from maskbit.tokenizer import Tokenizer
 
-from .graphs import GENERATOR_COMPONENTS, dims_of, graph_module, sample_inputs
+from .cast import CAST_PRECISIONS
+from .graphs import GENERATOR_COMPONENTS, dims_of, graph_module, random_inputs
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .quantize import quantize_int8
-from .verify import VerificationError, verify_bundle
+from .tensorrt import TIMING_CACHE
+from .verify import VerificationError, check_logits_finite, verify_bundle
 from .weights import share_weights
 
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")       # of the ONNX graphs; engines have their own (--engine-precision)
@@ -109,6 +113,8 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
         generator.eval()
     _check_finite(tokenizer, generator)
     dims = dims_of(tokenizer, generator)
+    if generator is not None and options.precision in CAST_PRECISIONS:
+        check_logits_finite(tokenizer, generator, dims, options.precision)
 
     with _exclusive(out):
         _check_target(out, force)
@@ -117,7 +123,7 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
             for component in names:
                 progress(f"exporting {component}")
                 spec = COMPONENTS[component]
-                sample = sample_inputs(spec, dims, 2, seed=0, codebook_size=tokenizer.config.codebook_size,
+                sample = random_inputs(spec, dims, 2, seed=0, codebook_size=tokenizer.config.codebook_size,
                                        num_classes=num_classes or 1000)
                 export_onnx(graph_module(component, tokenizer, generator, options.precision), spec, sample,
                             tmp / spec.file, options.opset, options.max_batch)
@@ -153,6 +159,7 @@ def build_bundle(out: str | Path, tokenizer: Tokenizer, generator: Generator | N
                 for name in OPTIONAL_COMPONENTS:
                     (tmp / COMPONENTS[name].file).unlink(missing_ok=True)
             manifest.replace(complete=True).write()
+            _check_target(out, force)            # again: files may have been put there while this export ran
     return Manifest.load(out)
 
 
@@ -181,6 +188,29 @@ def _check_target(out: Path, force: bool) -> None:
     if out.is_symlink() or not out.is_dir() or not _is_bundle(out):
         raise InputError(f"--force replaces only a bundle directory, and {out} is not one (no maskbit manifest); "
                          f"nothing was changed")
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p, _written_by_us(out)))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(f"--force replaces only what maskbit-export wrote, and {out} also holds {shown}, which its "
+                         f"manifest does not name; move them out first; nothing was changed")
+
+
+def _written_by_us(out: Path) -> set[str]:
+    """The names a bundle's own manifest gives its files, its manifest and the TensorRT timing cache."""
+    names = {MANIFEST, TIMING_CACHE}
+    components = json.loads((out / MANIFEST).read_text()).get("components")
+    for entry in components.values() if isinstance(components, dict) else ():
+        if isinstance(entry, dict):
+            names.update(entry[kind] for kind in FILE_KINDS if isinstance(entry.get(kind), str))
+    return names
+
+
+def _ours(path: Path, names: set[str]) -> bool:
+    """A plain file this tool wrote: named by the manifest, or a temporary of one (`.<name>.<random>.tmp[.ext]`)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    return path.name in names or any(re.fullmatch(rf"\.{re.escape(name)}\..*\.tmp(\..*)?", path.name, re.DOTALL)
+                                     for name in names)
 
 
 @contextlib.contextmanager

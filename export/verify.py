@@ -21,7 +21,7 @@ from maskbit.step import GenerationStep
 from maskbit.tokenizer import Tokenizer
 
 from .cast import cpu_session
-from .graphs import graph_module, sample_inputs
+from .graphs import graph_module, random_inputs
 from .quality import GATES, passes, teacher_forced_distances
 from .tolerances import AGREEMENT_STEPS, tolerance
 
@@ -118,6 +118,20 @@ def teacher_forced_agreement(step: nn.Module, session, labels: list[int], plan, 
             "num_steps": len(plan), "labels": labels.tolist(), "seed": seed}
 
 
+def check_logits_finite(tokenizer: Tokenizer, generator: Generator, dims: Dims, precision: str) -> None:
+    """The reduced-precision generator's logits on sample inputs (masked and decided groups, with and without the
+    label) must be finite: a half-precision overflow gives NaN logits, from which the step draws garbage tokens
+    without a word. Run before anything is written, with or without verification."""
+    spec = TRANSFORMER
+    inputs = random_inputs(spec, dims, 2, seed=0, codebook_size=tokenizer.config.codebook_size,
+                           num_classes=generator.config.num_classes)
+    logits = run_eager(graph_module(spec.name, tokenizer, generator, precision), spec, inputs)[LOGITS]
+    if not np.all(np.isfinite(logits)):
+        raise VerificationError(f"the {precision} generator's logits are NaN or infinite on a sample input "
+                                f"({np.mean(~np.isfinite(logits)):.0%} of them): its activations overflow {precision}; "
+                                f"export --precision fp32{' or bf16' if precision == 'fp16' else ''}")
+
+
 def verify_bundle(root: Path, names: list[str], tokenizer: Tokenizer, generator: Generator | None, dims: Dims,
                   precision: str, max_batch: int, progress: Callable[[str], None]) -> dict:
     """Verify every component and, with a generator, seeded generations; raise VerificationError on failure."""
@@ -130,7 +144,7 @@ def verify_bundle(root: Path, names: list[str], tokenizer: Tokenizer, generator:
         progress(f"verifying {name}")
         spec = COMPONENTS[name]
         session = cpu_session(ort, root / spec.file)
-        batches = [sample_inputs(spec, dims, b, seed=100 + b, codebook_size=codebook, num_classes=num_classes)
+        batches = [random_inputs(spec, dims, b, seed=100 + b, codebook_size=codebook, num_classes=num_classes)
                    for b in sorted({1, min(3, max_batch)})]
         result = verify_component(graph_module(name, tokenizer, generator, precision), spec, session, batches,
                                   precision)
