@@ -38,7 +38,7 @@ from maskbit.tokenizer import Tokenizer
 
 from .aoti_backend import COMPONENT_KEY, DEVICES, PACKAGE_KEYS, REBUILD
 
-from .graphs import graph_module, sample_inputs
+from .graphs import graph_module, random_inputs
 from .tolerances import tolerance
 from .verify import VerificationError, compare
 
@@ -99,7 +99,7 @@ def export_program(module: nn.Module, spec: ComponentSpec, inputs: dict[str, np.
 def compile_package(module: nn.Module, spec: ComponentSpec, dims: Dims, max_batch: int, device: str, path: Path,
                     codebook_size: int, num_classes: int) -> None:
     """Export and compile one component into the package file `path` (must end in .pt2)."""
-    inputs = sample_inputs(spec, dims, min(2, max_batch), 0, codebook_size, num_classes)
+    inputs = random_inputs(spec, dims, min(2, max_batch), 0, codebook_size, num_classes)
     try:
         program = export_program(module, spec, inputs, max_batch, device)
         torch._inductor.aoti_compile_and_package(
@@ -118,7 +118,7 @@ def check_package(path: Path, module: nn.Module, spec: ComponentSpec, dims: Dims
     runner = torch._inductor.aoti_load_package(str(path))
     report = {}
     for batch in sorted({1, max_batch}):
-        inputs = sample_inputs(spec, dims, batch, 100 + batch, codebook_size, num_classes)
+        inputs = random_inputs(spec, dims, batch, 100 + batch, codebook_size, num_classes)
         with torch.no_grad():
             outputs = runner(*(torch.from_numpy(np.array(inputs[t.name])).to(device) for t in spec.inputs))
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)

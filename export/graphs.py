@@ -90,7 +90,7 @@ def graph_module(name: str, tokenizer: Tokenizer, generator: Generator | None, p
     raise ValueError(f"unknown component {name!r}")
 
 
-def sample_inputs(spec: ComponentSpec, dims: Dims, batch: int, seed: int, codebook_size: int,
+def random_inputs(spec: ComponentSpec, dims: Dims, batch: int, seed: int, codebook_size: int,
                   num_classes: int = 1000) -> dict[str, np.ndarray]:
     """Random valid inputs of a component (a mix of masked and decided groups for the generator)."""
     rng = np.random.default_rng(seed)

@@ -139,14 +139,14 @@ def _int(text: str, option: str) -> int:
 @main.command()
 @bundle_option
 @backend_option
-@click.option("--measure-transfers/--no-measure-transfers", default=True, show_default=True,
+@click.option("--count-transfers/--no-count-transfers", default=True, show_default=True,
               help="Run two tiny generations (one image, 2 and 3 steps) to count the host<->device copies and host "
                    "syncs a generation costs on this backend.")
 @one_line_errors
-def info(bundle, backend, measure_transfers):
+def info(bundle, backend, count_transfers):
     """Print the bundle's components, sampling defaults, providers, versions and per-generation transfers."""
     with open_pipeline(bundle, backend) as pipe:
-        click.echo(json.dumps(pipe.info(measure_transfers=measure_transfers), indent=2, default=str))
+        click.echo(json.dumps(pipe.info(count_transfers=count_transfers), indent=2, default=str))
 
 
 def _load_images(paths, pipe) -> np.ndarray:

@@ -122,8 +122,8 @@ class Pipeline:
         variants = np.concatenate([indices] + [indices ^ (1 << b) for b in bits])  # (1 + n, h, w)
         return np.concatenate([image[None], self.decode(variants)])
 
-    def info(self, measure_transfers: bool = False) -> dict:
-        """The bundle, the backend and the machine; with `measure_transfers` (and a generator) also the copies and
+    def info(self, count_transfers: bool = False) -> dict:
+        """The bundle, the backend and the machine; with `count_transfers` (and a generator) also the copies and
         host syncs of a generation on this backend, as its primitives count them (see `transfer_counts`)."""
         m = self.manifest
         info = {"bundle": str(m.root), "name": m.name,
@@ -131,7 +131,7 @@ class Pipeline:
                                    **({"engine": v.engine} if v.engine else {})} for k, v in m.components.items()},
                 "num_classes": self.num_classes, "sampling": m.sampling.to_dict() if m.sampling else None,
                 "provenance": dict(m.provenance), "runtime": self.backend.describe(), "machine": cpu_info()}
-        if measure_transfers and m.has_generator:
+        if count_transfers and m.has_generator:
             info["per_generation"] = self.transfer_counts()
         return info
 

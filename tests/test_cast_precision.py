@@ -16,7 +16,7 @@ from maskbit.step import GenerationStep
 from maskbit_export import ExportOptions, build_bundle
 from maskbit_export import quality
 from maskbit_export.cast import CastGenerator, cpu_session, emulate_in_float32, graph_types
-from maskbit_export.graphs import dims_of, sample_inputs
+from maskbit_export.graphs import dims_of, random_inputs
 from maskbit_export.onnx_export import export_onnx
 from maskbit_runtime import Pipeline
 from maskbit_runtime.backends import BackendError
@@ -44,7 +44,7 @@ def bundle(request, models, tmp_path_factory):
 def _transformer_inputs(models, batch=3):
     tok, gen = models
     spec = COMPONENTS["transformer"]
-    sample = sample_inputs(spec, dims_of(tok, gen), batch, seed=5, codebook_size=tok.config.codebook_size,
+    sample = random_inputs(spec, dims_of(tok, gen), batch, seed=5, codebook_size=tok.config.codebook_size,
                            num_classes=gen.config.num_classes)
     return spec, sample, [torch.from_numpy(np.array(sample[t.name])) for t in spec.inputs]
 
@@ -124,7 +124,7 @@ def test_graph_types_finds_a_reduced_precision_sampler(models, tmp_path):
         def forward(self, tokens, labels, drop):
             return self.inner(tokens, labels, drop)
 
-    sample = sample_inputs(STEP, dims_of(tok, gen), 2, seed=0, codebook_size=tok.config.codebook_size,
+    sample = random_inputs(STEP, dims_of(tok, gen), 2, seed=0, codebook_size=tok.config.codebook_size,
                            num_classes=gen.config.num_classes)
     export_onnx(GenerationStep(HalfLogits(gen, "fp16")).eval(), STEP, sample, tmp_path / "bad.onnx")
     problems = graph_types(onnx.load(str(tmp_path / "bad.onnx")), "fp16")["problems"]

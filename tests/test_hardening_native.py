@@ -105,7 +105,7 @@ def test_an_allow_list_outside_the_bundle_decides(tmp_path, loads):
     check_native_code("aoti", _manifest(root), trusted_hashes=listed)          # the list alone is trust
     check_native_code("aoti", _manifest(root), trusted_hashes=everything)
     result = CliRunner().invoke(run_cli, ["info", "--bundle", str(root), "--backend", "aoti", "--trusted-hashes",
-                                          str(tmp_path / "missing.txt"), "--no-measure-transfers"])
+                                          str(tmp_path / "missing.txt"), "--no-count-transfers"])
     assert result.exit_code == 1 and result.output.count("Error:") == 1
     assert "cannot read trusted hashes" in result.output and loads == []
 

@@ -120,7 +120,7 @@ def test_transfer_counts_are_measured_and_shown_by_info():
     info = json.loads(result.output)
     assert info["per_generation"]["summary"] == summary
     assert info["runtime"]["host_syncs"].startswith("none: on the CPU")
-    quiet = CliRunner().invoke(run_cli, ["info", "--bundle", str(DEMO_BUNDLE), "--no-measure-transfers"])
+    quiet = CliRunner().invoke(run_cli, ["info", "--bundle", str(DEMO_BUNDLE), "--no-count-transfers"])
     assert "per_generation" not in json.loads(quiet.output)
 
 
