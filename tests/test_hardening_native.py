@@ -82,9 +82,9 @@ def test_trust_lets_the_backend_load_its_packages(tmp_path, loads):
     for entry in edit["components"].values():
         entry["torch_version"] = torch.__version__
     (root / MANIFEST).write_text(json.dumps(edit))
-    with Pipeline.load(root, backend="aoti", trust_native_code=True) as pipe:
-        with pytest.raises(MaskbitError, match="AOTInductor cannot load"):
-            pipe.generate([1], num_steps=2)
+    with Pipeline.load(root, backend="aoti", trust_native_code=True) as pipe, \
+            pytest.raises(MaskbitError, match="AOTInductor cannot load"):
+        pipe.generate([1], num_steps=2)
     assert len(loads) == 1
     result = CliRunner().invoke(run_cli, ["generate", "--bundle", str(root), "--backend", "aoti",
                                           "--trust-native-code", "--labels", "1", "--num-steps", "2",
@@ -150,9 +150,9 @@ def test_a_failed_package_load_leaves_no_extracted_folder(tmp_path, monkeypatch)
         entry.update(package_sha256=hashlib.sha256((root / entry["package"]).read_bytes()).hexdigest(),
                      torch_version=torch.__version__)
     (root / MANIFEST).write_text(json.dumps(data))
-    with Pipeline.load(root, backend="aoti", trust_native_code=True) as pipe:
-        with pytest.raises(MaskbitError, match="AOTInductor cannot load"):
-            pipe.decode(__import__("numpy").zeros((1, 16, 16), "int64"))
+    with Pipeline.load(root, backend="aoti", trust_native_code=True) as pipe, \
+            pytest.raises(MaskbitError, match="AOTInductor cannot load"):
+        pipe.decode(__import__("numpy").zeros((1, 16, 16), "int64"))
     assert sorted(p.name for p in temp.iterdir() if p.name.startswith("aotinductor_")) == ["aotinductor_other"]
 
 
