@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from maskbit_runtime.errors import InputError
-from maskbit_runtime.files import FileLock, atomic_directory
+from maskbit_runtime.files import FileLock, atomic_directory, remove_temporaries
 from maskbit_runtime.manifest import (FILE_KINDS, FORMAT, MANIFEST, BatchProfile, ComponentEntry, Manifest,
                                       TensorEntry, check_class_names, sha256_file)
 from maskbit_runtime.specs import COMPONENTS, DEFAULT_COMPONENTS, OPTIONAL_COMPONENTS, ComponentSpec
@@ -215,11 +215,14 @@ def _ours(path: Path, names: set[str]) -> bool:
 
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `.<name>.lock` next to `out` while building; a second writer fails at once."""
+    """Hold an exclusive lock on `.<name>.lock` next to `out` while building; a second writer fails at once. The
+    lock file a killed export left is reused, and its half-built folder and temporary files (`files.py` names) are
+    removed once the lock is held (no other export of `out` can be running then)."""
     lock = FileLock(out.parent / f".{out.name}.lock")
     if not lock.acquire(blocking=False):
         raise InputError(f"another export is writing {out} right now; wait for it or choose another --out")
     try:
+        remove_temporaries(out)
         yield
     finally:
         lock.release()

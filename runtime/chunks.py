@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from .run_spec import RunSpec, bundle_facts
 CHUNK_DIR = "chunks"
 CHUNK_KEYS = ("indices", "labels", "tokens", "images")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_LEFTOVER = re.compile(r"chunk_(\d{6,})\.lock|\.chunk_(\d{6,})\.npz\..*\.tmp(?:\..*)?", re.DOTALL)
 
 
 class ChunkError(MaskbitError, RuntimeError):
@@ -118,9 +120,28 @@ def try_claim(out: str | Path, chunk: int, blocking: bool = False) -> FileLock |
     return claim
 
 
+def clear_stale(out: str | Path) -> list[int]:
+    """Remove the lock files and temporary chunk files that killed writers left in the run folder (of any chunk,
+    whichever shard it belongs to): each chunk that has some is claimed without waiting, its temporaries removed
+    and the claim released, which removes the lock file. Chunks another process holds are left alone. Returns the
+    chunks cleared."""
+    folder = Path(out) / CHUNK_DIR
+    found = {int(m.group(1) or m.group(2)) for p in (folder.iterdir() if folder.is_dir() else ())
+             if (m := _LEFTOVER.fullmatch(p.name))}
+    cleared = []
+    for chunk in sorted(found):
+        claim = try_claim(out, chunk)
+        if claim is not None:
+            claim.release()
+            cleared.append(chunk)
+    return cleared
+
+
 def claims(out: str | Path, spec: RunSpec, chunks: Sequence[int]) -> Iterator[tuple[int, FileLock]]:
     """The chunks still to make, each claimed. Chunks another process is making are left for last, then waited
-    for; chunks found complete once claimed are skipped. The caller releases each claim."""
+    for; chunks found complete once claimed are skipped. What killed writers left is cleared first
+    (`clear_stale`). The caller releases each claim."""
+    clear_stale(out)
     deferred = []
     for blocking, todo in ((False, chunks), (True, deferred)):
         for chunk in todo:

@@ -1,0 +1,117 @@
+"""What killed writers leave behind is cleaned by the next writer, once it holds the lock that makes it the only one:
+an export's `.<out>.<random>.partial` folder and temporary files (its lock file is reused), and a sample run's
+chunk locks and temporary chunk files, whichever shard they belong to. Nothing else is touched."""
+
+import os
+import signal
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import maskbit
+from maskbit_runtime.chunks import CHUNK_DIR, clear_stale
+from maskbit_runtime.cli import main as run_cli
+from maskbit_runtime.files import FileLock
+from maskbit_runtime.manifest import Manifest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SAMPLE = ["--labels", "1,2", "--num-steps", "2", "--chunk-size", "1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    config = maskbit.resolve_config("tiny_lfq10")
+    maskbit.save_tokenizer(maskbit.build_tokenizer("tiny_lfq10"), root / "tok.safetensors", config)
+    maskbit.save_generator(maskbit.build_generator("tiny_lfq10"), root / "gen.safetensors", config)
+    return root
+
+
+def export_args(checkpoints: Path, out: Path) -> list[str]:
+    return ["build-engines", "--tokenizer", str(checkpoints / "tok.safetensors"), "--generator",
+            str(checkpoints / "gen.safetensors"), "--max-batch", "2", "--no-verify", "--out", str(out)]
+
+
+def test_a_killed_export_leaves_nothing_after_the_next_one(checkpoints, tmp_path):
+    """Old code: the killed export's .B.<random>.partial folder (a whole half-written bundle) stayed forever."""
+    out = tmp_path / "B"
+    killed = subprocess.Popen([sys.executable, "-c", "from maskbit_export.cli import main; main()",
+                               *export_args(checkpoints, out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.is_file() for p in tmp_path.glob(".B.*.partial/*.onnx")):
+            assert killed.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert ".B.lock" in left and any(name.endswith(".partial") for name in left), left
+    (tmp_path / ".B.x7f3.tmp").write_bytes(b"half a file")          # what a killed atomic write leaves
+    (tmp_path / ".C.x7f3.partial").mkdir()                           # another target's: not this export's to remove
+    from maskbit_export.cli import main as export_cli
+    result = CliRunner().invoke(export_cli, export_args(checkpoints, out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".C.x7f3.partial", "B"]
+    assert Manifest.load(out).complete
+
+
+def sample(out: Path, *args):
+    return CliRunner().invoke(run_cli, ["sample", "--out", str(out), *SAMPLE, *map(str, args)])
+
+
+def test_stale_chunk_locks_and_temporaries_of_any_shard_are_cleared(tmp_path):
+    """A writer of chunk 0 killed after its file was renamed in (lock left) and another killed mid-write (temporary
+    left): old code left both when the next process was shard 1/2 (it claims chunk 1 only), forever."""
+    out = tmp_path / "run"
+    assert sample(out, "--shard", "0/2").exit_code == 0
+    chunks = out / CHUNK_DIR
+    (chunks / "chunk_000000.lock").write_bytes(b"")
+    (chunks / ".chunk_000000.npz.k2j4x.tmp").write_bytes(b"half a chunk")
+    (chunks / ".chunk_000007.npz.k2j4x.tmp.npz").write_bytes(b"half a chunk")      # a chunk of no one left
+    result = sample(out, "--shard", "1/2")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in chunks.iterdir()) == ["chunk_000000.npz", "chunk_000001.npz"]
+    assert (out / "samples.npz").is_file()
+
+
+def test_a_chunk_another_process_holds_is_left_alone(tmp_path):
+    """Control: a live writer's lock and temporary file survive the sweep."""
+    chunks = tmp_path / CHUNK_DIR
+    chunks.mkdir()
+    live = FileLock(chunks / "chunk_000003.lock")
+    assert live.acquire(blocking=False)
+    try:
+        (chunks / ".chunk_000003.npz.abc.tmp").write_bytes(b"being written")
+        (chunks / "chunk_000004.lock").write_bytes(b"")
+        assert clear_stale(tmp_path) == [4]
+        assert sorted(p.name for p in chunks.iterdir()) == [".chunk_000003.npz.abc.tmp", "chunk_000003.lock"]
+    finally:
+        live.release()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.text(string.ascii_letters + string.digits + "._-", min_size=1, max_size=30))
+def test_the_sweep_removes_nothing_but_chunk_leftovers(tmp_path_factory, name):
+    """Any file in chunks/ that is not a chunk lock or a chunk's temporary (chunk files included) stays."""
+    import re
+    chunks = tmp_path_factory.mktemp("s") / CHUNK_DIR
+    chunks.mkdir()
+    if name in (".", ".."):
+        return
+    (chunks / name).write_bytes(b"mine")
+    (chunks / "chunk_000001.npz").write_bytes(b"a chunk")
+    clear_stale(chunks.parent)
+    leftover = re.fullmatch(r"chunk_(\d{6,})\.lock|\.chunk_(\d{6,})\.npz\..*\.tmp(\..*)?", name)
+    digits = leftover and (leftover.group(1) or leftover.group(2))
+    removed = bool(digits) and digits == f"{int(digits):06d}"        # the names chunk_path gives chunk int(digits)
+    assert (chunks / name).exists() == (not removed)
+    assert (chunks / "chunk_000001.npz").read_bytes() == b"a chunk"
