@@ -49,9 +49,10 @@ def _score(network, images: np.ndarray, labels: np.ndarray, reference: FeatureSt
 
 
 def evaluate_demo(pipe, network, per_class: int = 16, seed: int = 0, reference_per_class: int = 64,
-                  **sampling) -> dict:
+                  generated: np.ndarray | None = None, **sampling) -> dict:
     """Class accuracy, demo-FID, KID and precision/recall of generated, reconstructed and real crops; `sampling`
-    overrides the bundle's sampling defaults (keyword arguments of `Pipeline.generate`)."""
+    overrides the bundle's sampling defaults (keyword arguments of `Pipeline.generate`). `generated`: the images
+    `evaluation_labels(per_class)` give with this seed and these settings, when the caller already made them."""
     _check_demo_bundle(pipe)
     if per_class * len(DEMO_CLASSES) < PRC_NEIGHBORHOOD + 1:
         raise InputError(f"--per-class {per_class} is too few for precision/recall (k={PRC_NEIGHBORHOOD})")
@@ -59,7 +60,10 @@ def evaluate_demo(pipe, network, per_class: int = 16, seed: int = 0, reference_p
     references = extract(network, reference_images)[0], extract(PixelFeatures(), reference_images)[0]
     real, labels = crops_dataset(per_class, REAL_SEED)
     settings = pipe.sampling.with_overrides(**sampling)
-    generated = pipe.generate(labels.tolist(), seed=seed, **settings.to_dict()).images
+    if generated is None:
+        generated = pipe.generate(labels.tolist(), seed=seed, **settings.to_dict()).images
+    elif len(generated) != len(labels):
+        raise InputError(f"{len(generated)} generated images given for {len(labels)} labels")
     reconstructed = pipe.reconstruct(real)
     return {"bundle": str(pipe.manifest.root), "features": network.name, "pixel_features": PixelFeatures.name,
             "per_class": per_class, "seed": seed, "sampling": settings.to_dict(),
@@ -67,6 +71,11 @@ def evaluate_demo(pipe, network, per_class: int = 16, seed: int = 0, reference_p
             "generated": _score(network, generated, labels, *references),
             "reconstructed": _score(network, reconstructed, labels, *references),
             "real": _score(network, real, labels, *references)}
+
+
+def evaluation_labels(per_class: int) -> np.ndarray:
+    """The labels `evaluate_demo` generates, in order."""
+    return crops_dataset(per_class, REAL_SEED)[1]
 
 
 def _generate(pipe, labels: list[int], seed: int):
