@@ -4,8 +4,8 @@ one request at a time, on the same server code and bundle (`--policy step|reques
 For each policy a server process is started on 127.0.0.1; for each workload (mixed: 16/32/64 steps, a quarter with
 guidance 0; uniform: 32 steps) it runs open-loop Poisson arrivals at each rate and a closed-loop concurrency sweep.
 Every request is streamed with a preview every quarter of its steps, so the time to the first preview is measured
-with the latency. Bounded: `--requests` per point, `--time-limit` seconds per point (what has not ended by then
-counts as unfinished). Output: JSON (`--out`, and a table on stderr).
+with the latency. Bounded: `--requests` per point, `--time-limit` seconds per point (open loop: after the last
+arrival; what has not ended by then counts as unfinished). Output: JSON (`--out`, and a table on stderr).
 
     python benchmarks/serve_load.py --max-batch 8 --rates 0.3,0.6,0.9 --concurrency 1,4,8 --requests 16 \\
         --steps-scale 0.25 --out benchmarks/results/serve_load.json
@@ -49,14 +49,15 @@ def start_server(args, policy: str):
     return process, re.search(r"running on (http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
 
 
-def workload(name: str, count: int, num_classes: int, scale: float, seed: int) -> list[dict]:
+def workload(name: str, count: int, num_classes: int, scale: float, seed: int, previews: bool = True) -> list[dict]:
     steps, unguided = WORKLOADS[name]
     rng = np.random.default_rng(seed)
     bodies = []
     for _ in range(count):
         num_steps = max(1, round(int(rng.choice(steps)) * scale))
         body = {"labels": [int(rng.integers(num_classes))], "seed": int(rng.integers(1 << 31)),
-                "num_steps": num_steps, "stream": True, "preview_every": max(1, math.ceil(num_steps / 4))}
+                "num_steps": num_steps, "stream": True,
+                "preview_every": max(1, math.ceil(num_steps / 4)) if previews else 0}
         if rng.random() < unguided:
             body["guidance_scale"] = 0.0
         bodies.append(body)
@@ -95,7 +96,7 @@ async def open_loop(url: str, bodies: list[dict], rate: float, limit: float, see
         for body, at in zip(bodies, np.cumsum(gaps)):
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             tasks.append(asyncio.create_task(one(client, body)))
-        done, pending = await asyncio.wait(tasks, timeout=max(1.0, limit - (time.perf_counter() - start)))
+        done, pending = await asyncio.wait(tasks, timeout=limit)      # after the last arrival
         for task in pending:
             task.cancel()
         return [t.result() if t in done else {"status": "unfinished"} for t in tasks]
@@ -139,6 +140,29 @@ def summarize(results: list[dict], seconds: float, before: dict, after: dict) ->
             if steps else None}
 
 
+def overhead(url: str, bundle: str | None, repeats: int, num_steps: int = 32) -> dict:
+    """HTTP + scheduling overhead: one image of `num_steps` served (plain JSON, no previews) against the same image
+    made by `Pipeline.generate` in this process, interleaved; the median difference per step."""
+    from maskbit_runtime import Pipeline
+    from maskbit_runtime.cli_common import DEMO_BUNDLE
+    served, offline = [], []
+    with Pipeline.load(bundle or DEMO_BUNDLE) as pipe, httpx.Client(base_url=url, timeout=120) as client:
+        pipe.generate([0], num_steps=2)
+        for i in range(repeats):
+            start = time.perf_counter()
+            assert client.post("/v1/generate", json={"labels": [i % 2], "seed": i, "num_steps": num_steps}
+                               ).status_code == 200
+            served.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            pipe.generate([i % 2], seed=i, num_steps=num_steps)
+            offline.append(time.perf_counter() - start)
+    step = float(np.median(offline)) / num_steps
+    extra = (float(np.median(served)) - float(np.median(offline))) / num_steps
+    return {"num_steps": num_steps, "repeats": repeats, "served_median_s": round(float(np.median(served)), 4),
+            "offline_median_s": round(float(np.median(offline)), 4), "step_ms": round(1000 * step, 2),
+            "overhead_ms_per_step": round(1000 * extra, 3), "overhead_share_of_step": round(extra / step, 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=None, help="bundle directory (default: the demo bundle)")
@@ -149,9 +173,13 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8", help="closed-loop concurrencies")
     parser.add_argument("--requests", type=int, default=16, help="requests per point")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale the workloads' step counts")
+    parser.add_argument("--no-previews", action="store_true", help="stream without previews (no time to first "
+                        "preview; only progress events and the result)")
     parser.add_argument("--batch-wait", type=float, default=0.05, help="the dynamic batcher's wait, seconds")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per point at most")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overhead-repeats", type=int, default=10,
+                        help="served vs offline pairs for the overhead measure, on the step server (0: skip)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from maskbit_runtime.machine import cpu_info
@@ -161,11 +189,15 @@ def main() -> None:
         process, url = start_server(args, policy)
         try:
             num_classes = httpx.get(f"{url}/v1/models").json()["data"][0]["num_classes"]
+            if policy == "step" and args.overhead_repeats:
+                report["overhead"] = overhead(url, args.bundle, args.overhead_repeats)
+                print(json.dumps(report["overhead"]), file=sys.stderr, flush=True)
             for name in args.workloads.split(","):
                 points = [("open", float(r)) for r in args.rates.split(",") if r] + \
                          [("closed", int(c)) for c in args.concurrency.split(",") if c]
                 for mode, level in points:
-                    bodies = workload(name, args.requests, num_classes, args.steps_scale, args.seed)
+                    bodies = workload(name, args.requests, num_classes, args.steps_scale, args.seed,
+                                      not args.no_previews)
                     before, start = scrape(url), time.perf_counter()
                     if mode == "open":
                         results = asyncio.run(open_loop(url, bodies, level, args.time_limit, args.seed))
