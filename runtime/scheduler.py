@@ -144,14 +144,16 @@ class Lane:
             slot.job.step += 1
 
     def remove(self, rows: list[int]) -> None:
-        """Free these rows; the last occupied rows move into the holes (one device copy each)."""
+        """Free these rows: the last occupied rows move into the holes (device copies of their token state; runs
+        of consecutive rows in one copy), so the occupied rows stay 0..n-1."""
         gone = set(rows)
-        keep = [r for r in range(len(self.slots)) if r not in gone]
-        moves = [(target, source) for target, source in enumerate(keep) if target != source]
-        state = self.state[self.parity]
-        for target, source in moves:          # in ascending order: a source is never a row already overwritten
-            self.primitives.copy(self.primitives.rows(state, target, 1), self.primitives.rows(state, source, 1))
-        self.slots = [self.slots[r] for r in keep]
+        count = len(self.slots) - len(gone)
+        holes = sorted(r for r in gone if r < count)
+        movers = [r for r in range(count, len(self.slots)) if r not in gone]
+        copy_rows(self.primitives, self.state[self.parity], self.state[self.parity], list(zip(holes, movers)))
+        for hole, mover in zip(holes, movers):
+            self.slots[hole] = self.slots[mover]
+        self.slots = self.slots[:count]
         self.labels_stale = [True, True]
 
     def fail(self, error: BaseException) -> list[ImageJob]:
