@@ -128,11 +128,21 @@ class OrtPrimitives:
         self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
         self.graphs_off: dict[str, str] = {}          # component -> why ONNX Runtime would not capture it
         self._graph_ids: dict[tuple, int] = {}       # graph_key -> graph id (from 1: ORT reserves 0; -1 is "none")
-        self.stream = None
-        if self.device == "cuda":
-            from .cuda import Stream                  # cuda-python: the row copies run on ONNX Runtime's stream
+        self.stream = None                            # on CUDA: made with the first session (`_open_stream`)
+        self._stream_error: Exception | None = None
+
+    def _open_stream(self) -> None:
+        """The cuda-python stream the row copies run on, handed to ONNX Runtime as its compute stream. If it cannot
+        be made, sessions are still created, so a CUDA provider that does not load is reported as such first."""
+        if self.device != "cuda" or self.stream is not None or self._stream_error is not None:
+            return
+        try:
+            from .cuda import Stream
             self.stream = Stream(0)
-            self.provider_options[self.providers.index(CUDA)]["user_compute_stream"] = str(self.stream.handle)
+        except (BackendError, MissingDependencyError) as exc:
+            self._stream_error = exc
+            return
+        self.provider_options[self.providers.index(CUDA)]["user_compute_stream"] = str(self.stream.handle)
 
     def session(self, component: str):
         if component not in self._sessions:
@@ -144,6 +154,7 @@ class OrtPrimitives:
                 raise BackendError(f"{path.name} is a bfloat16 graph, which ONNX Runtime runs only with its CUDA "
                                    f"provider (its CPU provider has no bfloat16 MatMul); use a GPU (--backend tensorrt "
                                    f"or onnxruntime-gpu) or export --precision fp16, int8 or fp32 for the CPU")
+            self._open_stream()
             session = None
             if self.cuda_graphs and self.manifest.spec(component).graphed:
                 cuda = self.providers.index(CUDA)
@@ -165,6 +176,9 @@ class OrtPrimitives:
                 raise BackendError(f"ONNX Runtime could not start its CUDA provider for {path.name} (it fell back "
                                    f"to {', '.join(session.get_providers())}); check that the CUDA and cuDNN "
                                    f"libraries onnxruntime-gpu {self.ort.__version__} needs are installed")
+            if self.device == "cuda" and self.stream is None:
+                raise BackendError(f"ONNX Runtime runs on CUDA here, but the row copies between its buffers need "
+                                   f"cuda-python with a working driver: {self._stream_error}")
             tensors = session.get_inputs() + session.get_outputs()
             declared = {t.name: (_ORT_TYPES.get(t.type, t.type), len(t.shape)) for t in tensors}
             shapes = {t.name: tuple(s if isinstance(s, int) else None for s in t.shape) for t in tensors}
@@ -198,7 +212,11 @@ class OrtPrimitives:
         if target.shape != source.shape or target.dtype != source.dtype:
             raise ValueError(f"cannot copy {source.dtype} {list(source.shape)} into {target.dtype} "
                              f"{list(target.shape)}")
-        if self.stream is not None:
+        if self.device == "cuda":
+            self._open_stream()
+            if self.stream is None:
+                raise BackendError(f"copies between ONNX Runtime's CUDA buffers need cuda-python with a working "
+                                   f"driver: {self._stream_error}")
             self.stream.copy_device_to_device(target.ptr, source.ptr, target.nbytes)
         else:
             ctypes.memmove(target.ptr, source.ptr, target.nbytes)
