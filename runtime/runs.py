@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .chunks import (CHUNK_DIR, chunk_path, chunk_problem, claims, generate_chunk, load_run_pipeline, read_chunk,
-                     write_chunk, zip_info)
+from .chunks import (CHUNK_DIR, chunk_path, chunk_problem, claims, clear_stale, generate_chunk, load_run_pipeline,
+                     read_chunk, write_chunk, zip_info)
 from .errors import InputError
-from .files import atomic_file, atomic_write_json, exclusive_lock
+from .files import atomic_file, atomic_write_json, exclusive_lock, remove_temporaries
 from .run_spec import RunMismatchError, RunSpec, RunStats, bundle_facts, difference
 
 RUN_FILE = "run.json"
@@ -107,6 +107,7 @@ def run_shard(out: str | Path, spec: RunSpec, bundle: str | Path, *, shard: tupl
         from .runs_ray import check_address
         check_address(ray_address)
     spec = open_run(out, spec)
+    clear_stale(out)                   # a killed shard's chunk locks and temporaries, even when nothing is left
     chunks = shard_chunks(spec, shard)
     stats = RunStats(chunks=len(chunks))
     for chunk in chunks:
@@ -171,18 +172,19 @@ def merge(out: str | Path, spec: RunSpec, png: bool = False) -> Path:
     Streamed chunk by chunk, so memory holds one chunk, not the whole array."""
     out = Path(out)
     target = out / SAMPLES
-    with exclusive_lock(out / RUN_LOCK), atomic_file(target) as raw, \
-            zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open(zip_info("arr_0"), "w", force_zip64=True) as f:
-            header = {"descr": "|u1", "fortran_order": False, "shape": (spec.num_images, *spec.image_shape)}
-            np.lib.format.write_array_header_1_0(f, header)
-            for chunk in range(spec.num_chunks):
-                arrays = read_chunk(out, spec, chunk)
-                f.write(arrays["images"].tobytes())
-                if png:
-                    _write_pngs(out / PNG_DIR, spec, arrays)
-        with zf.open(zip_info("arr_1"), "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, spec.labels, allow_pickle=False)
+    with exclusive_lock(out / RUN_LOCK):
+        remove_temporaries(target)     # what a merge killed midway left; the run lock makes this the only writer
+        with atomic_file(target) as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open(zip_info("arr_0"), "w", force_zip64=True) as f:
+                header = {"descr": "|u1", "fortran_order": False, "shape": (spec.num_images, *spec.image_shape)}
+                np.lib.format.write_array_header_1_0(f, header)
+                for chunk in range(spec.num_chunks):
+                    arrays = read_chunk(out, spec, chunk)
+                    f.write(arrays["images"].tobytes())
+                    if png:
+                        _write_pngs(out / PNG_DIR, spec, arrays)
+            with zf.open(zip_info("arr_1"), "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, spec.labels, allow_pickle=False)
     return target
 
 

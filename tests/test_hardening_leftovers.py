@@ -83,6 +83,19 @@ def test_stale_chunk_locks_and_temporaries_of_any_shard_are_cleared(tmp_path):
     assert (out / "samples.npz").is_file()
 
 
+def test_a_finished_run_clears_stale_locks_and_merge_temporaries(tmp_path):
+    """Nothing left to make: old code never claimed a chunk, so a lock a killed writer left after its chunk was
+    renamed in stayed; and the temporary of a merge killed midway stayed beside samples.npz."""
+    out = tmp_path / "run"
+    assert sample(out).exit_code == 0
+    (out / CHUNK_DIR / "chunk_000001.lock").write_bytes(b"")
+    (out / ".samples.npz.q9z1.tmp.npz").write_bytes(b"half a merge")
+    result = sample(out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / CHUNK_DIR).iterdir()) == ["chunk_000000.npz", "chunk_000001.npz"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".samples.npz")]
+
+
 def test_a_chunk_another_process_holds_is_left_alone(tmp_path):
     """Control: a live writer's lock and temporary file survive the sweep."""
     chunks = tmp_path / CHUNK_DIR
