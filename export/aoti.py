@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from maskbit_runtime.errors import InputError, MaskbitError
-from maskbit_runtime.files import StagedFiles
+from maskbit_runtime.files import StagedFiles, remove_temporaries, writer_lock
 from maskbit_runtime.manifest import Manifest, sha256_file
 from maskbit_runtime.specs import COMPONENTS, DEFAULT_COMPONENTS, TRANSFORMER, ComponentSpec, Dims
 from torch import nn
@@ -156,7 +156,17 @@ def build_aoti(bundle_dir: str | Path, tokenizer: Tokenizer, generator: Generato
                components: tuple[str, ...] | None = None, verify: bool = True) -> Manifest:
     """Compile an AOTInductor package for every component of the bundle at `bundle_dir` (or those named in
     `components`); returns the updated manifest. `verify` compares each fp32 package with eager PyTorch on
-    sample inputs and holds a bf16 transformer package (when the bundle has one) to the distribution gate."""
+    sample inputs and holds a bf16 transformer package (when the bundle has one) to the distribution gate.
+    Holds the bundle's writer lock (the one `maskbit-export` takes), and removes what a killed build left."""
+    with writer_lock(bundle_dir, f"another export is writing {bundle_dir} right now; wait for it"):
+        for name in Manifest.load(bundle_dir).components:
+            remove_temporaries(Path(bundle_dir) / f"{name}.pt2")
+        return _build_aoti(bundle_dir, tokenizer, generator, device, precision, on_progress, components, verify)
+
+
+def _build_aoti(bundle_dir: str | Path, tokenizer: Tokenizer, generator: Generator | None, device: str,
+                precision: str, on_progress: Callable[[str], None] | None, components: tuple[str, ...] | None,
+                verify: bool) -> Manifest:
     if precision not in PRECISIONS:
         raise InputError(f"AOTInductor precision {precision!r} is not supported; expected one of "
                          f"{', '.join(PRECISIONS)}")

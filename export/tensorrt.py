@@ -35,7 +35,7 @@ from maskbit_runtime.backends.cuda import gpu_info
 from maskbit_runtime.backends.tensorrt import collecting_logger, import_tensorrt
 from maskbit_runtime.manifest import BatchProfile, Manifest, sha256_file
 from maskbit_runtime.errors import InputError, MaskbitError
-from maskbit_runtime.files import StagedFiles, atomic_write_bytes
+from maskbit_runtime.files import StagedFiles, atomic_write_bytes, remove_temporaries, writer_lock
 from maskbit_runtime.specs import ComponentSpec, Dims
 
 from .graphs import GENERATOR_COMPONENTS
@@ -133,7 +133,16 @@ def _build_plan(trt, builder, logger, onnx_path: Path, spec: ComponentSpec, dims
 
 def build_engines(bundle_dir: str | Path, precision: str = "fp32", workspace_gb: float = 4,
                   on_progress: Callable[[str], None] | None = None) -> Manifest:
-    """Build a TensorRT engine for every component of the bundle at `bundle_dir`; returns the updated manifest."""
+    """Build a TensorRT engine for every component of the bundle at `bundle_dir`; returns the updated manifest.
+    Holds the bundle's writer lock (the one `maskbit-export` takes), and removes what a killed build left."""
+    with writer_lock(bundle_dir, f"another export is writing {bundle_dir} right now; wait for it"):
+        for name in [f"{c}.engine" for c in Manifest.load(bundle_dir).components] + [TIMING_CACHE]:
+            remove_temporaries(Path(bundle_dir) / name)
+        return _build_engines(bundle_dir, precision, workspace_gb, on_progress)
+
+
+def _build_engines(bundle_dir: str | Path, precision: str, workspace_gb: float,
+                   on_progress: Callable[[str], None] | None) -> Manifest:
     progress = on_progress or (lambda message: None)
     manifest = Manifest.load(bundle_dir)
     precisions = component_precisions(manifest, precision)

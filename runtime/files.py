@@ -257,3 +257,10 @@ def exclusive_lock(path: str | os.PathLike, blocking: bool = True, busy: str | N
         yield lock
     finally:
         lock.release()
+
+
+def writer_lock(target: str | os.PathLike, busy: str) -> contextlib.AbstractContextManager[FileLock]:
+    """The lock that makes this process the one writer of `target` (a file or a folder): `.<name>.lock` beside
+    it, taken without waiting (LockBusyError with `busy` when another process holds it)."""
+    target = Path(target)
+    return exclusive_lock(target.parent / f".{target.name}.lock", blocking=False, busy=busy)

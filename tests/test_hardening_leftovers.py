@@ -128,3 +128,34 @@ def test_the_sweep_removes_nothing_but_chunk_leftovers(tmp_path_factory, name):
     removed = bool(digits) and digits == f"{int(digits):06d}"        # the names chunk_path gives chunk int(digits)
     assert (chunks / name).exists() == (not removed)
     assert (chunks / "chunk_000001.npz").read_bytes() == b"a chunk"
+
+
+def test_engine_and_package_builds_take_the_bundle_lock_and_clear_killed_builds(tmp_path):
+    """Old code: build_engines/build_aoti on an existing bundle took no lock (two builds raced on the same files)
+    and left a killed build's staged plans and packages in the bundle forever."""
+    import shutil
+
+    from maskbit_export.aoti import build_aoti
+    from maskbit_export.tensorrt import build_engines
+    from maskbit_runtime.cli_common import DEMO_BUNDLE
+    from maskbit_runtime.errors import MaskbitError
+    bundle = tmp_path / "B"
+    shutil.copytree(DEMO_BUNDLE, bundle)
+    stale = [bundle / ".step.engine.k2j4x.tmp.engine", bundle / ".decoder.pt2.k2j4x.tmp.pt2",
+             bundle / ".tensorrt.timing-cache.k2j4x.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a build")
+    lock = FileLock(tmp_path / ".B.lock")
+    assert lock.acquire(blocking=False)
+    try:
+        for build in (lambda: build_engines(bundle), lambda: build_aoti(bundle, None, None)):
+            with pytest.raises(MaskbitError, match="another export is writing"):
+                build()
+        assert all(path.exists() for path in stale)              # nothing touched while another writer holds it
+    finally:
+        lock.release()
+    with pytest.raises(Exception):                                # no TensorRT here: fails after the cleanup
+        build_engines(bundle)
+    with pytest.raises(Exception):                                # no generator given: fails after the cleanup
+        build_aoti(bundle, None, None, components=("nothing",))
+    assert not any(path.exists() for path in stale)
