@@ -1,14 +1,16 @@
 """Load benchmark of `maskbit-run serve` on loopback: step-level batching against request-level dynamic batching and
 one request at a time, on the same server code and bundle (`--policy step|request|single`).
 
-For each policy a server process is started on 127.0.0.1; for each workload (mixed: 16/32/64 steps, a quarter with
-guidance 0; uniform: 32 steps) it runs open-loop Poisson arrivals at each rate and a closed-loop concurrency sweep.
+One server process per policy is started on 127.0.0.1 (all first, each idle until its turn). For each workload
+(mixed: 16/32/64 steps, a quarter with guidance 0; uniform: 32 steps) it runs open-loop Poisson arrivals at each
+rate and a closed-loop concurrency sweep, each point on every policy in turn with the same requests, so load that
+drifts during the run biases no policy.
 Every request is streamed with a preview every quarter of its steps, so the time to the first preview is measured
 with the latency. Bounded: `--requests` per point, `--time-limit` seconds per point (open loop: after the last
 arrival; what has not ended by then counts as unfinished). Output: JSON (`--out`, and a table on stderr).
 
-    python benchmarks/serve_load.py --max-batch 8 --rates 0.3,0.6,0.9 --concurrency 1,4,8 --requests 16 \\
-        --steps-scale 0.25 --out benchmarks/results/serve_load.json
+    python benchmarks/serve_load.py --max-batch 8 --rates 1,2,3 --concurrency 1,4,8 --requests 16 \\
+        --steps-scale 0.25 --time-limit 60 --out benchmarks/results/serve_load.json
 """
 
 from __future__ import annotations
@@ -185,19 +187,21 @@ def main() -> None:
     from maskbit_runtime.machine import cpu_info
     report = {"config": vars(args) | {"out": str(args.out)}, "machine": cpu_info(), "loadavg_start": os.getloadavg(),
               "workloads": {k: {"steps": v[0], "guidance_0_share": v[1]} for k, v in WORKLOADS.items()}, "runs": []}
-    for policy in args.policies.split(","):
-        process, url = start_server(args, policy)
-        try:
-            num_classes = httpx.get(f"{url}/v1/models").json()["data"][0]["num_classes"]
-            if policy == "step" and args.overhead_repeats:
-                report["overhead"] = overhead(url, args.bundle, args.overhead_repeats)
-                print(json.dumps(report["overhead"]), file=sys.stderr, flush=True)
-            for name in args.workloads.split(","):
-                points = [("open", float(r)) for r in args.rates.split(",") if r] + \
-                         [("closed", int(c)) for c in args.concurrency.split(",") if c]
-                for mode, level in points:
-                    bodies = workload(name, args.requests, num_classes, args.steps_scale, args.seed,
-                                      not args.no_previews)
+    servers = {}        # one idle server per policy, all started first: each point runs the policies in turn, so a
+    try:                # machine whose load drifts during the run biases no policy (an idle server sleeps)
+        for policy in args.policies.split(","):
+            servers[policy] = start_server(args, policy)
+        first = next(iter(servers.values()))[1]
+        num_classes = httpx.get(f"{first}/v1/models").json()["data"][0]["num_classes"]
+        if "step" in servers and args.overhead_repeats:
+            report["overhead"] = overhead(servers["step"][1], args.bundle, args.overhead_repeats)
+            print(json.dumps(report["overhead"]), file=sys.stderr, flush=True)
+        points = [("open", float(r)) for r in args.rates.split(",") if r] + \
+                 [("closed", int(c)) for c in args.concurrency.split(",") if c]
+        for name in args.workloads.split(","):
+            for mode, level in points:
+                bodies = workload(name, args.requests, num_classes, args.steps_scale, args.seed, not args.no_previews)
+                for policy, (_, url) in servers.items():
                     before, start = scrape(url), time.perf_counter()
                     if mode == "open":
                         results = asyncio.run(open_loop(url, bodies, level, args.time_limit, args.seed))
@@ -209,7 +213,8 @@ def main() -> None:
                            "loadavg": os.getloadavg()[0]}
                     report["runs"].append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
-        finally:
+    finally:
+        for process, _ in servers.values():
             process.terminate()
             process.wait(timeout=60)
     text = json.dumps(report, indent=1)
