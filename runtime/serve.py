@@ -185,7 +185,8 @@ class Engine:
     @property
     def queued(self) -> int:
         """Images waiting for a slot."""
-        return self.scheduler.queued + sum(len(r.jobs) for r in self._pending)
+        with self._wake:                         # reentrant: `submit` asks while holding it
+            return self.scheduler.queued + sum(len(r.jobs) for r in self._pending)
 
     @property
     def occupied(self) -> int:
