@@ -70,18 +70,34 @@ def _field_error(error: dict) -> str:
 
 
 class _BodyLimit:
-    """Refuse bodies whose Content-Length exceeds MAX_BODY before reading them (413)."""
+    """Refuse bodies over MAX_BODY bytes (413): by their Content-Length before reading them, and a chunked body by
+    what arrives (read up to the limit, then replayed to the app)."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope.get("headers", ())).get(b"content-length", b"0")
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        too_large = _error(413, f"request body over {MAX_BODY} bytes")
+        if length is not None:
             if not length.isdigit() or int(length) > MAX_BODY:
-                await _error(413, f"request body over {MAX_BODY} bytes")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        buffered, size = [], 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            size += len(message.get("body", b""))
+            if size > MAX_BODY:
+                return await too_large(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return buffered.pop(0) if buffered else await receive()
+        await self.app(scope, replay, send)
 
 
 def create_app(pipeline: Pipeline, backend: str = "ort", **engine_options) -> FastAPI:

@@ -207,6 +207,16 @@ def test_bad_requests_get_a_4xx_with_one_line(server, body, status, words):
     assert words in _one_line_error(response, status)
 
 
+def test_a_chunked_body_over_the_limit_gets_413(server):
+    chunks = (b"[" + b"1," * 100_000 for _ in range(10))         # ~2 MB, no Content-Length
+    response = httpx.post(f"{server.url}/v1/generate", content=chunks, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert "request body over" in _one_line_error(response, 413)
+    chunked = httpx.post(f"{server.url}/v1/generate", content=iter([b'{"labels": ', b'[1], "num_steps": 2}']),
+                         headers={"content-type": "application/json"}, timeout=30)
+    assert chunked.status_code == 200, chunked.text
+
+
 def test_models_health_ready_openapi(server, offline):
     model = httpx.get(f"{server.url}/v1/models").json()["data"][0]
     assert model["classes"] == list(offline.class_names) and model["sampling"] == offline.sampling.to_dict()
