@@ -205,9 +205,9 @@ class Engine:
         if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 0:
             raise InputError(f"preview_every must be an integer >= 0, got {preview_every!r}")
         least = math.ceil(settings.num_steps / MAX_PREVIEWS)
-        if preview_every and preview_every < least:
-            raise InputError(f"preview_every must be 0 or >= {least} for {settings.num_steps} steps "
-                             f"(at most {MAX_PREVIEWS} previews per image), got {preview_every}")
+        if preview_every and not least <= preview_every <= settings.num_steps:
+            raise InputError(f"preview_every must be 0 or in [{least}, {settings.num_steps}] for {settings.num_steps} "
+                             f"steps (at most {MAX_PREVIEWS} previews per image), got {preview_every}")
         if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise InputError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
         limit = self.request_timeout

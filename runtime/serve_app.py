@@ -27,6 +27,7 @@ try:
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, ConfigDict, Field, create_model
 except ImportError as exc:
@@ -35,10 +36,11 @@ except ImportError as exc:
 from .serve_metrics import Metrics  # noqa: E402  (after the guarded imports: it needs prometheus_client too)
 
 MAX_BODY = 1 << 20               # bytes of JSON per request
+MAX_ERROR = 300                  # characters of an error line
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)    # strict: true is no 1, "8" no 8
 
     labels: list[int | str] = Field(min_length=1, description="One image per label: class indices or names")
     seed: int = Field(0, description="Noise seed; image j uses the stream (seed, first_index + j)")
@@ -59,7 +61,10 @@ GenerateRequest = create_model(   # every sampling setting, unset = the bundle's
 
 
 def _error(status: int, text: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": " ".join(str(text).split())}, status_code=status, headers=headers)
+    text = " ".join(str(text).split())
+    if len(text) > MAX_ERROR:                    # a message that quotes the request (a 100 kB class name) stays short
+        text = text[:MAX_ERROR - 3] + "..."
+    return JSONResponse({"error": text}, status_code=status, headers=headers)
 
 
 def _field_error(error: dict) -> str:
@@ -121,6 +126,13 @@ def create_app(pipeline: Pipeline, backend: str = "ort", **engine_options) -> Fa
     async def invalid(request, exc: RequestValidationError):
         metrics.rejected("invalid")
         return _error(422, _field_error(exc.errors()[0]) if exc.errors() else "invalid request")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        if exc.status_code == 400:               # FastAPI's "error parsing the body": bad UTF-8, deep nesting, ...
+            metrics.rejected("invalid")
+            return _error(422, "malformed JSON: the body could not be parsed")
+        return _error(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
     @app.post("/v1/generate", summary="Generate one image per label", responses={
         200: {"content": {"application/json": {}, "image/png": {}, "application/octet-stream": {},
