@@ -185,7 +185,8 @@ class OrtPrimitives:
             check_component_io(self.manifest.spec(component), declared, str(path), shapes, self.manifest.dims)
             if self.device == "cpu":      # what the graph computes (CUDA sessions may capture graphs: not probed)
                 names = [t.name for t in session.get_outputs()]
-                probe(self.manifest, component, lambda feeds: dict(zip(names, session.run(names, feeds))), str(path))
+                probe(self.manifest, component, lambda feeds: dict(zip(names, session.run(names, feeds))), str(path),
+                      self.session)
             self._sessions[component] = session
         return self._sessions[component]
 

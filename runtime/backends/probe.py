@@ -29,12 +29,16 @@ GUIDANCE = 50.0                 # large, so that any difference between cond and
 NOT_OURS = "the file does not belong to this bundle"
 
 
-def probe(manifest: Manifest, component: str, run: Run, where: str) -> None:
-    """Run the checks above that concern `component` (others have none); BackendError on the first that fails."""
+def probe(manifest: Manifest, component: str, run: Run, where: str,
+          open_component: Callable[[str], object] | None = None) -> None:
+    """Run the checks above that concern `component` (others have none); BackendError on the first that fails.
+    `open_component(name)` opens (and so probes) another component: a guided step whose result does not move
+    with guidance is accepted only when the bundle's unguided step does not apply guidance either (a model whose
+    class conditioning has no effect, such as one without transformer layers) and is not the same file."""
     if component == COMBINE.name:
         _probe_combine(manifest, run, where)
     elif component in (STEP.name, STEP_UNGUIDED.name):
-        _probe_step(manifest, component, run, where)
+        _probe_step(manifest, component, run, where, open_component)
 
 
 def _call(manifest: Manifest, component: str, run: Run, where: str, feeds: Mapping[str, np.ndarray],
@@ -79,7 +83,8 @@ def _step_feeds(manifest: Manifest, component: str, label: int, guidance: float)
     return feeds
 
 
-def _probe_step(manifest: Manifest, component: str, run: Run, where: str) -> None:
+def _probe_step(manifest: Manifest, component: str, run: Run, where: str,
+                open_component: Callable[[str], object] | None) -> None:
     def sampled(label: int, guidance: float, failure: str) -> np.ndarray:
         feeds = _step_feeds(manifest, component, label, guidance)
         return _call(manifest, component, run, where, feeds, failure)[SAMPLED]
@@ -90,9 +95,13 @@ def _probe_step(manifest: Manifest, component: str, run: Run, where: str) -> Non
                           f"= {classes}: its class embedding is smaller, so the manifest declares more classes than "
                           f"the graph has ({NOT_OURS})")
     guided = sampled(0, GUIDANCE, "cannot run one step with guidance")
-    if component == STEP.name and np.array_equal(plain, guided):
-        raise BackendError(f"{where} ignores guidance_scale ({GUIDANCE} gives what 0 gives), so it is not a guided "
-                           f"step (a copy of {STEP_UNGUIDED.name}?); {NOT_OURS}")
+    if component == STEP.name and np.array_equal(plain, guided) and STEP_UNGUIDED.name in manifest.components:
+        guided_entry, unguided_entry = manifest.component(STEP.name), manifest.component(STEP_UNGUIDED.name)
+        if guided_entry.file_sha256 == unguided_entry.file_sha256:
+            raise BackendError(f"{where} ignores guidance_scale ({GUIDANCE} gives what 0 gives) and is the same file "
+                               f"as {STEP_UNGUIDED.name}, so it is not a guided step; {NOT_OURS}")
+        if open_component is not None:
+            open_component(STEP_UNGUIDED.name)     # raises if that one applies guidance: the two were swapped
     if component == STEP_UNGUIDED.name and not np.array_equal(plain, guided):
         raise BackendError(f"{where} applies guidance_scale, so it is a guided step, not {STEP_UNGUIDED.name} "
                            f"(were the two swapped?); {NOT_OURS}")
