@@ -12,7 +12,7 @@
 # smoke        150 s  ~40 s     (a) versions, nvidia-smi, one eager CUDA generation equal to the CPU's
 # throughput   570 s  ~6-9 min  (b) 14-bit size, batch 64, 64 steps: eager fp32, TF32, bf16, then AOTInductor bf16
 #                               with CUDA graphs: images/s, ms/step, decoder ms, peak memory, host syncs
-# serving       30 s  ~0 s      (c) step-level serving scheduler on CUDA: a hook; the scheduler does not exist yet
+# serving       30 s  ~0 s      (c) step-level serving scheduler on CUDA: a hook; no CUDA case is written yet
 # tests        480 s  ~3-4 min  (d) the GPU test tier (tests marked gpu/tensorrt), one pytest session
 # training     420 s  ~3-4 min  (e) benchmarks/gpu_training.py: checks against the CPU, resume, torchrun, throughput
 # How estimated (nothing here has run on a GPU yet): (a) imports and CUDA start, seconds of tiny compute; (b) about
@@ -82,15 +82,16 @@ part_throughput() {
 }
 
 part_serving() {
-    # HOOK(serving scheduler): the step-level serving scheduler is being written (DESIGN.md, Serving). When it
-    # exists, put its CUDA throughput here as benchmarks/gpu_serving.py (images/s at batch 64 and 64 steps with
+    # HOOK(serving scheduler): the slot scheduler exists (runtime/scheduler.py; CPU figures from
+    # benchmarks/serve_load.py and benchmarks/scheduler_choices.py), but no CUDA case is written. Put its CUDA
+    # throughput (the AOTInductor backend) here as benchmarks/gpu_serving.py (images/s at batch 64 and 64 steps with
     # requests arriving over time, against one request at a time; JSON to $OUT/gpu_serving.json, rewritten after
     # every case; --dry-run imports only) and add its modules to NEEDS[serving].
     if [[ -f benchmarks/gpu_serving.py ]]; then
         "$PYTHON" benchmarks/gpu_serving.py ${OUT:+--out "$OUT"} $([[ "$DRY" == 1 ]] && echo --dry-run)
         return
     fi
-    local line="the step-level serving scheduler does not exist yet: nothing to measure (hook in scripts/gpu_suite.sh)"
+    local line="no CUDA case of the slot scheduler is written yet: nothing to measure (hook in scripts/gpu_suite.sh)"
     echo "serving: $line"
     if [[ -n "${OUT:-}" && "$DRY" != 1 ]]; then
         printf '{"status": "not implemented", "reason": "%s"}\n' "$line" >"$OUT/gpu_serving.json"
