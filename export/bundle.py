@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 from maskbit_runtime.errors import InputError
-from maskbit_runtime.files import FileLock, atomic_directory, remove_temporaries
+from maskbit_runtime.files import FileLock, atomic_directory, is_temporary_of, remove_temporaries
 from maskbit_runtime.manifest import (FILE_KINDS, FORMAT, MANIFEST, BatchProfile, ComponentEntry, Manifest,
                                       TensorEntry, check_class_names, sha256_file)
 from maskbit_runtime.specs import COMPONENTS, DEFAULT_COMPONENTS, OPTIONAL_COMPONENTS, ComponentSpec
@@ -209,8 +208,7 @@ def _ours(path: Path, names: set[str]) -> bool:
     """A plain file this tool wrote: named by the manifest, or a temporary of one (`.<name>.<random>.tmp[.ext]`)."""
     if path.is_symlink() or not path.is_file():
         return False
-    return path.name in names or any(re.fullmatch(rf"\.{re.escape(name)}\..*\.tmp(\..*)?", path.name, re.DOTALL)
-                                     for name in names)
+    return path.name in names or any(is_temporary_of(path.name, name) for name in names)
 
 
 @contextlib.contextmanager

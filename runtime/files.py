@@ -24,6 +24,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -176,6 +177,14 @@ class StagedFiles:
         self._pending.clear()
 
 
+def is_temporary_of(name: str, target: str) -> bool:
+    """Whether a file or folder `name` is a temporary this module made for `target`: `.<target>.<random>` then
+    `.tmp` (with the target's suffix after it) or `.partial`, the random part without dots, so the temporaries of
+    another target whose name starts with this one's (`bundle.v2` for `bundle`) never match."""
+    pattern = rf"\.{re.escape(target)}\.[A-Za-z0-9_]+({re.escape(TMP_SUFFIX)}(\..*)?|{re.escape(PARTIAL_SUFFIX)})"
+    return re.fullmatch(pattern, name, re.DOTALL) is not None
+
+
 def remove_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders writers of `path` left behind (a killed process). Call it only
     while holding the lock that makes you the one writer of `path`."""
@@ -184,7 +193,7 @@ def remove_temporaries(path: str | os.PathLike) -> list[Path]:
     if not path.parent.is_dir():
         return removed
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if stale.name.endswith((TMP_SUFFIX, PARTIAL_SUFFIX)) or TMP_SUFFIX + "." in stale.name:
+        if is_temporary_of(stale.name, path.name):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:

@@ -197,3 +197,17 @@ def test_no_writer_hand_rolls_an_atomic_write_or_a_lock():
             if hits:
                 found[name] = hits
     assert set(found) <= NOT_YET_CONVERTED, {k: v for k, v in found.items() if k not in NOT_YET_CONVERTED}
+
+
+def test_temporaries_of_another_target_with_a_longer_name_are_left_alone(tmp_path):
+    """`--out bundle` must not remove the half-built `bundle.v2` of an export that holds another lock (the pattern
+    `.bundle.*` matched it)."""
+    from maskbit_runtime.files import remove_temporaries
+    others = [tmp_path / ".bundle.v2.k3j2h1.partial", tmp_path / ".bundle.v2.json.abc123.tmp"]
+    others[0].mkdir()
+    others[1].write_bytes(b"")
+    own = [tmp_path / ".bundle.q8r7s6t5.partial", tmp_path / ".bundle.a1b2c3d4.tmp"]
+    own[0].mkdir()
+    own[1].write_bytes(b"")
+    assert sorted(remove_temporaries(tmp_path / "bundle")) == sorted(own)
+    assert all(p.exists() for p in others) and not any(p.exists() for p in own)
