@@ -68,7 +68,8 @@ class Pipeline:
         settings = self.sampling.with_overrides(num_steps=num_steps, guidance_scale=guidance_scale, **sampling)
         jobs = [ImageJob(int(label), seed, first_index + j, settings) for j, label in enumerate(labels)]
         before = self.backend.transfers.copy()
-        Scheduler(self.backend, self._batch_size(batch_size, STEP.name)).run(jobs, on_step)
+        with self.backend.lock:          # one generation at a time per pipeline: they share its slot lanes
+            Scheduler(self.backend, self._batch_size(batch_size, STEP.name)).run(jobs, on_step)
         self.last_transfers = self.backend.transfers - before
         return GenerationOutput(images=np.stack([job.image for job in jobs]),
                                 tokens=np.stack([job.tokens for job in jobs]))

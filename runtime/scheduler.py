@@ -225,34 +225,42 @@ class Scheduler:
 
     # -- the iteration ------------------------------------------------------------------------------------------
     def iterate(self) -> list[ImageJob]:
-        """Admit, step every non-empty lane once, retire; returns the jobs that ended (done, failed, cancelled)."""
-        ended = self._drop_cancelled() + self._admit()
-        for lane in self.lanes():
-            if not lane.slots:
-                continue
-            try:
-                lane.step()
-                ended += self._retire(lane)
-            except Exception as exc:  # a backend failure ends only the images it touched
-                ended += lane.fail(exc)
+        """Admit, step every non-empty lane once, retire; returns the jobs that ended (done, failed, cancelled).
+        Iterations of schedulers over one executor (which share its lanes) never overlap (`executor.lock`)."""
+        with self.executor.lock:
+            ended = self._drop_cancelled() + self._admit()
+            for lane in self.lanes():
+                if not lane.slots:
+                    continue
+                try:
+                    lane.step()
+                    ended += self._retire(lane)
+                except Exception as exc:  # a backend failure ends only the images it touched
+                    ended += lane.fail(exc)
         for job in ended:
             job.done = True
-            if job.on_done is not None:
-                job.on_done(job)
+            _callback(job, job.on_done, job)
         return ended
 
     def run(self, jobs: Sequence[ImageJob], on_iteration: Callable[[int], None] | None = None) -> None:
         """Submit `jobs` (a few slots' worth ahead at a time, so a long list costs no more host memory than its
         results) and iterate until all of them ended; raises the first failed job's error."""
         mine, remaining, submitted, iteration = {id(job) for job in jobs}, len(jobs), 0, 0
-        while remaining:
-            if self.queued < 2 * self.capacity and submitted < len(jobs):
-                self.submit(jobs[submitted:submitted + 2 * self.capacity])
-                submitted += 2 * self.capacity
-            remaining -= sum(id(job) in mine for job in self.iterate())
-            if on_iteration is not None:
-                on_iteration(iteration)
-            iteration += 1
+        try:
+            while remaining:
+                if self.queued < 2 * self.capacity and submitted < len(jobs):
+                    self.submit(jobs[submitted:submitted + 2 * self.capacity])
+                    submitted += 2 * self.capacity
+                remaining -= sum(id(job) in mine for job in self.iterate())
+                if on_iteration is not None:
+                    on_iteration(iteration)
+                iteration += 1
+        finally:
+            if remaining:        # left early (an exception, a KeyboardInterrupt): free this call's slots now
+                for job in jobs[:submitted]:
+                    if not job.done:
+                        self.cancel(job)
+                self.iterate()
         failed = next((job for job in jobs if job.error is not None), None)
         if failed is not None:
             raise failed.error
@@ -296,7 +304,12 @@ class Scheduler:
                     pending.append(Slot(job, self.plan(job.settings), ImageNoise(job.seed, job.index,
                                                                                  self.noise_shape)))
             if pending:
-                lane.admit(pending)
+                try:
+                    lane.admit(pending)
+                except Exception as exc:  # the rows could not be written: these images fail, the rest go on
+                    for slot in pending:
+                        slot.job.error = exc
+                    ended += [slot.job for slot in pending]
         return ended
 
     def _retire(self, lane: Lane) -> list[ImageJob]:
@@ -305,8 +318,7 @@ class Scheduler:
         previews = [r for r, s in enumerate(lane.slots) if s.job.preview_every and s.job.step < s.job.num_steps
                     and s.job.step % s.job.preview_every == 0 and s.job.on_preview is not None]
         for slot in lane.slots:
-            if slot.job.on_step is not None:
-                slot.job.on_step(slot.job)
+            _callback(slot.job, slot.job.on_step, slot.job)
         rows = finished + previews
         for start in range(0, len(rows), self.decode_batch):
             part = rows[start:start + self.decode_batch]
@@ -320,8 +332,21 @@ class Scheduler:
                 if r in finished:
                     job.image, job.tokens = images[i], indices[i]
                 else:
-                    job.on_preview(job, images[i])
+                    _callback(job, job.on_preview, job, images[i])
         ended = [lane.slots[r].job for r in finished]
         if finished:
             lane.remove(finished)
         return ended
+
+
+def _callback(job: ImageJob, callback: Callable | None, *args) -> None:
+    """Run one job's callback; if it raises, that job alone fails (its slot is freed at the next step boundary),
+    never the other images of its lane."""
+    if callback is None:
+        return
+    try:
+        callback(*args)
+    except Exception as exc:  # the caller's code: any exception ends only this image
+        if job.error is None:
+            job.error = exc
+        job.cancelled = True

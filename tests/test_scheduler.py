@@ -211,3 +211,33 @@ def test_demo_tokens_are_those_taken_before_the_scheduler(case):
         out = pipe.generate(list(range(8)), seed=3, first_index=5, **overrides)
     assert hashlib.sha256(out.tokens.tobytes()).hexdigest()[:16] == tokens
     assert hashlib.sha256(out.images.tobytes()).hexdigest()[:16] == images
+
+
+def test_a_generation_left_early_frees_its_slots(tiny):
+    """Review finding: an exception out of `on_step` (or Ctrl-C) left the call's images in the shared lanes, where
+    every later generation kept stepping them."""
+    with Pipeline.load(tiny) as pipe:
+        def stop(i):
+            if i == 1:
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            pipe.generate([3, 4, 5], num_steps=8, on_step=stop)
+        assert sum(len(lane.slots) for lane in pipe.backend.lanes.values()) == 0
+        again = pipe.generate([1, 2], num_steps=4).tokens
+    with Pipeline.load(tiny) as fresh:
+        np.testing.assert_array_equal(again, fresh.generate([1, 2], num_steps=4).tokens)
+
+
+def test_a_failing_callback_fails_only_its_own_image(tiny):
+    with Pipeline.load(tiny) as pipe:
+        scheduler = Scheduler(pipe.backend, capacity=3)
+        jobs = [_job(pipe, label, 0, label, dict(num_steps=3)) for label in (1, 2, 3)]
+        jobs[1].on_step = lambda job: 1 / 0
+        scheduler.submit(jobs)
+        while not all(job.done for job in jobs):
+            scheduler.iterate()
+        assert isinstance(jobs[1].error, ZeroDivisionError) and jobs[1].image is None
+        for job in (jobs[0], jobs[2]):
+            assert job.error is None
+            expected = _offline(pipe, job.label, 0, job.index, dict(num_steps=3))
+            np.testing.assert_array_equal(job.tokens, expected.tokens[0])

@@ -11,6 +11,7 @@ of the component's spec) without copying anything into fixed inputs first.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -142,6 +143,7 @@ class Executor:
         self._io: dict[tuple[str, int], tuple[dict[str, Any], Any]] = {}
         self._finishers: dict[int, Finisher] = {}
         self.lanes: dict[tuple[str, int], Any] = {}       # the scheduler's lanes, kept with their device buffers
+        self.lock = threading.RLock()                     # held by each scheduler iteration and `generate` call
 
     @property
     def transfers(self) -> Transfers:
