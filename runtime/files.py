@@ -75,6 +75,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -92,7 +93,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -165,7 +168,9 @@ class StagedFiles:
         target = Path(target)
         tmp = self._pending.pop(target)
         os.chmod(tmp, 0o666 & ~_UMASK)
+        _fsync_file(tmp)
         os.replace(tmp, target)
+        _fsync_directory(target.parent)
         return target
 
     def __enter__(self) -> StagedFiles:
@@ -273,3 +278,26 @@ def writer_lock(target: str | os.PathLike, busy: str) -> contextlib.AbstractCont
     it, taken without waiting (LockBusyError with `busy` when another process holds it)."""
     target = Path(target)
     return exclusive_lock(target.parent / f".{target.name}.lock", blocking=False, busy=busy)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a file written by name (by a library) to the disk before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in `folder` durable (a power loss after it keeps the new file, not an empty one)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:          # some file systems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
