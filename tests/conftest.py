@@ -32,3 +32,15 @@ def official() -> Path:
             pytest.fail(f"official fixtures missing at {OFFICIAL} (set MASKBIT_SHARED)")
         pytest.skip(f"official fixtures not found at {OFFICIAL}")
     return OFFICIAL
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> Path:
+    """tiny_lfq10 tokenizer and generator checkpoints (random weights) that carry their config, as
+    `tok.safetensors` and `gen.safetensors` in one folder."""
+    import maskbit
+    root = tmp_path_factory.mktemp("ckpt")
+    config = maskbit.resolve_config("tiny_lfq10")
+    maskbit.save_tokenizer(maskbit.build_tokenizer("tiny_lfq10"), root / "tok.safetensors", config)
+    maskbit.save_generator(maskbit.build_generator("tiny_lfq10"), root / "gen.safetensors", config)
+    return root

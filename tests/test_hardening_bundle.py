@@ -175,17 +175,6 @@ def test_odd_but_printable_class_names_write_only_inside_the_output_folder(bundl
 # Export: class names, --force, two writers of one --out
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """tiny_lfq10 tokenizer and generator checkpoints (random weights) that carry their config."""
-    import maskbit
-    root = tmp_path_factory.mktemp("ckpt")
-    config = maskbit.resolve_config("tiny_lfq10")
-    maskbit.save_tokenizer(maskbit.build_tokenizer("tiny_lfq10"), root / "tok.safetensors", config)
-    maskbit.save_generator(maskbit.build_generator("tiny_lfq10"), root / "gen.safetensors", config)
-    return root
-
-
 def export(checkpoints: Path, *args):
     from maskbit_export.cli import main as export_cli
     return CliRunner().invoke(export_cli, ["build-engines", "--tokenizer", str(checkpoints / "tok.safetensors"),

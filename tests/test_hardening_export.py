@@ -20,16 +20,6 @@ from maskbit_runtime.errors import InputError
 from maskbit_runtime.manifest import MANIFEST, Manifest
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """tiny_lfq10 tokenizer and generator checkpoints (random weights) that carry their config."""
-    root = tmp_path_factory.mktemp("ckpt")
-    config = maskbit.resolve_config("tiny_lfq10")
-    maskbit.save_tokenizer(maskbit.build_tokenizer("tiny_lfq10"), root / "tok.safetensors", config)
-    maskbit.save_generator(maskbit.build_generator("tiny_lfq10"), root / "gen.safetensors", config)
-    return root
-
-
 def export(checkpoints: Path, *args):
     from maskbit_export.cli import main as export_cli
     return CliRunner().invoke(export_cli, ["build-engines", "--tokenizer", str(checkpoints / "tok.safetensors"),

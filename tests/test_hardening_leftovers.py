@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import maskbit
 from maskbit_runtime.chunks import CHUNK_DIR, clear_stale
 from maskbit_runtime.cli import main as run_cli
 from maskbit_runtime.files import FileLock
@@ -23,15 +22,6 @@ from maskbit_runtime.manifest import Manifest
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SAMPLE = ["--labels", "1,2", "--num-steps", "2", "--chunk-size", "1"]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    config = maskbit.resolve_config("tiny_lfq10")
-    maskbit.save_tokenizer(maskbit.build_tokenizer("tiny_lfq10"), root / "tok.safetensors", config)
-    maskbit.save_generator(maskbit.build_generator("tiny_lfq10"), root / "gen.safetensors", config)
-    return root
 
 
 def export_args(checkpoints: Path, out: Path) -> list[str]:

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -14,41 +12,17 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
-from maskbit_runtime import Pipeline  # noqa: E402
-from maskbit_runtime.serve_app import MAX_BODY, create_app  # noqa: E402
+from maskbit_runtime.serve_app import MAX_BODY  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
+from serve_support import ThreadServer  # noqa: E402
 
 DEMO = ROOT / "runtime" / "demo" / "bundle"
 
 
-class ThreadServer:
-    """uvicorn in a thread on 127.0.0.1, an ephemeral port."""
-
-    def __init__(self, **options):
-        self.pipe = Pipeline.load(DEMO)
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.pipe, **options), host="127.0.0.1", port=0,
-                                                    log_level="critical"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.pipe.close()
-
-
 @pytest.fixture(scope="module")
 def server():
-    with ThreadServer(max_batch=2, max_queue=16, request_timeout=60) as s:
+    with ThreadServer(log_level="critical", max_batch=2, max_queue=16, request_timeout=60) as s:
         yield s
 
 

@@ -27,37 +27,12 @@ pytest.importorskip("prometheus_client")
 from PIL import Image  # noqa: E402
 
 from maskbit_runtime import Pipeline  # noqa: E402
-from maskbit_runtime.serve_app import create_app  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
+from serve_support import ThreadServer  # noqa: E402
 
 DEMO = ROOT / "runtime" / "demo" / "bundle"
 SAMPLING = ("num_steps", "guidance_scale", "guidance_annealing", "randomize_temperature", "mask_schedule")
-
-
-class ThreadServer:
-    """uvicorn in a thread on 127.0.0.1, an ephemeral port."""
-
-    def __init__(self, **options):
-        self.pipe = Pipeline.load(DEMO)
-        self.app = create_app(self.pipe, **options)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.pipe.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,39 @@
+"""A real `maskbit-run serve` app on uvicorn in a thread (127.0.0.1, an ephemeral port), shared by the server tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from maskbit_runtime import Pipeline
+from maskbit_runtime.serve_app import create_app
+
+from conftest import ROOT
+
+DEMO = ROOT / "runtime" / "demo" / "bundle"
+
+
+class ThreadServer:
+    """`with ThreadServer(**app_options) as s:` serves the demo bundle at `s.url` until the block ends."""
+
+    def __init__(self, log_level: str = "warning", **options):
+        self.pipe = Pipeline.load(DEMO)
+        self.app = create_app(self.pipe, **options)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level=log_level))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.pipe.close()
