@@ -44,3 +44,12 @@ def checkpoints(tmp_path_factory) -> Path:
     maskbit.save_tokenizer(maskbit.build_tokenizer("tiny_lfq10"), root / "tok.safetensors", config)
     maskbit.save_generator(maskbit.build_generator("tiny_lfq10"), root / "gen.safetensors", config)
     return root
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    """A private copy of the demo bundle at tmp_path/bundle (modules that build their own override this)."""
+    import shutil
+
+    from maskbit_runtime.cli_common import DEMO_BUNDLE
+    return Path(shutil.copytree(DEMO_BUNDLE, tmp_path / "bundle"))

@@ -28,23 +28,13 @@ from maskbit_runtime.errors import InputError, MaskbitError
 from maskbit_runtime.images import make_grid
 from maskbit_runtime.manifest import MANIFEST, BundleError, Manifest, sha256_file
 from maskbit_runtime.pipeline import Pipeline
+
+from bundle_support import edit
 from maskbit_runtime.sampling import SamplingError
 
 DEMO_MANIFEST = json.loads((DEMO_BUNDLE / MANIFEST).read_text())
 SIDE = DEMO_MANIFEST["dims"]["latent_size"]             # 16: tokens are [B,16,16] in [0, 1024)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def bundle(tmp_path):
-    """A private copy of the demo bundle at tmp_path/bundle."""
-    return Path(shutil.copytree(DEMO_BUNDLE, tmp_path / "bundle"))
-
-
-def edit(root: Path, change) -> None:
-    data = json.loads((root / MANIFEST).read_text())
-    change(data)
-    (root / MANIFEST).write_text(json.dumps(data))
 
 
 def tree(root: Path) -> dict[str, str]:

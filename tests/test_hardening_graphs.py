@@ -20,19 +20,10 @@ from maskbit_runtime.cli_common import DEMO_BUNDLE
 from maskbit_runtime.manifest import MANIFEST, sha256_file
 from maskbit_runtime.pipeline import Pipeline
 
+from bundle_support import edit
+
 DEMO = json.loads((DEMO_BUNDLE / MANIFEST).read_text())
 CLASSES = DEMO["num_classes"]
-
-
-@pytest.fixture
-def bundle(tmp_path):
-    return Path(shutil.copytree(DEMO_BUNDLE, tmp_path / "bundle"))
-
-
-def edit(root: Path, change) -> None:
-    data = json.loads((root / MANIFEST).read_text())
-    change(data)
-    (root / MANIFEST).write_text(json.dumps(data))
 
 
 def rehash(root: Path, *components: str) -> None:
