@@ -215,6 +215,25 @@ class Scheduler:
             job.cancelled = True
             self._cancelled_waiting = True
 
+    def would_wait(self, jobs: Sequence[ImageJob] = ()) -> int:
+        """Images that would still wait for a slot if the queue, plus `jobs`, were admitted now: counted per lane,
+        since a free slot of one lane is no room for an image of the other."""
+        with self.lock:
+            waiting = {guided: len(queue) for guided, queue in self.waiting.items()}
+        for job in jobs:
+            waiting[self._guided(job)] += 1
+        occupied = {guided: 0 for guided in waiting}
+        for (name, capacity), lane in self.executor.lanes.items():
+            if capacity == self.capacity:
+                occupied[name == STEP.name or not self.has_unguided] += len(lane.slots)
+        return sum(max(0, count - (self.capacity - occupied[guided])) for guided, count in waiting.items())
+
+    def remaining_steps(self) -> int:
+        """Steps left to take by every image in a slot or waiting for one."""
+        with self.lock:
+            waiting = sum(job.num_steps for queue in self.waiting.values() for job in queue)
+        return waiting + sum(slot.job.num_steps - slot.job.step for lane in self.lanes() for slot in lane.slots)
+
     def _guided(self, job: ImageJob) -> bool:
         return job.settings.uses_guidance or not self.has_unguided
 
