@@ -182,11 +182,14 @@ def _save_npy(array: np.ndarray, out: Path) -> None:
                    "The last two are for comparisons (benchmarks/serve_load.py).")
 @click.option("--batch-wait", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="With --policy request: seconds a dynamic batch waits to fill up.")
+@click.option("--admission", type=click.Choice(["fifo", "shortest"]), default="fifo", show_default=True,
+              help="With --policy step: which waiting requests take free slots first: in arrival order, or those "
+                   "of fewest steps (can starve long requests under sustained load).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (debug also logs every request).")
 @backend_option
 @one_line_errors
-def serve(bundle, host, port, max_batch, max_queue, max_images, request_timeout, grace, policy, batch_wait,
+def serve(bundle, host, port, max_batch, max_queue, max_images, request_timeout, grace, policy, batch_wait, admission,
           log_level, backend):
     """Serve the bundle over HTTP: POST /v1/generate (JSON or Server-Sent Events), /v1/models, /healthz, /readyz,
     /metrics, /docs. Images of all requests share steps (step-level batching) and equal `generate`'s byte for byte.
@@ -195,4 +198,4 @@ def serve(bundle, host, port, max_batch, max_queue, max_images, request_timeout,
     with open_pipeline(bundle, backend) as pipe:
         run_server(pipe, host=host, port=port, backend=backend, grace=grace, log_level=log_level,
                    max_batch=max_batch, max_queue=max_queue, max_images=max_images, request_timeout=request_timeout,
-                   policy=policy, batch_wait=batch_wait)
+                   policy=policy, batch_wait=batch_wait, admission=admission)

@@ -40,6 +40,8 @@ from .scheduler import ImageJob, Scheduler
 
 POLICIES = ("step", "request", "single")   # when images join: any step boundary (the scheduler), a dynamic batch
 #                                             run to its end (request-level batching), one request at a time
+ADMISSIONS = ("fifo", "shortest")   # with policy "step": which accepted requests take free slots first (arrival
+#                                     order, or fewest steps first: measured in benchmarks/serve_load.py)
 MAX_PREVIEWS = 16            # decoded previews per image at most: preview_every >= ceil(num_steps / 16)
 
 
@@ -115,7 +117,7 @@ class Engine:
 
     def __init__(self, pipeline: Pipeline, max_batch: int | None = None, max_queue: int = 256,
                  max_images: int = 64, request_timeout: float | None = 300.0, observer: Observer | None = None,
-                 policy: str = "step", batch_wait: float = 0.05):
+                 policy: str = "step", batch_wait: float = 0.05, admission: str = "fifo"):
         if not pipeline.manifest.has_generator:
             raise InputError(f"bundle {pipeline.manifest.root} has no generator: nothing to serve")
         for name, value in (("max_queue", max_queue), ("max_images", max_images)):
@@ -125,8 +127,10 @@ class Engine:
             raise InputError(f"request timeout must be a finite number of seconds > 0, got {request_timeout!r}")
         if policy not in POLICIES:
             raise InputError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+        if admission not in ADMISSIONS:
+            raise InputError(f"admission {admission!r} is not one of {', '.join(ADMISSIONS)}")
         self.pipeline = pipeline
-        self.policy, self.batch_wait = policy, batch_wait
+        self.policy, self.batch_wait, self.admission = policy, batch_wait, admission
         self.scheduler = Scheduler(pipeline.backend, pipeline._batch_size(max_batch, "step"))
         self.capacity = self.scheduler.capacity
         self.max_queue, self.request_timeout = max_queue, request_timeout
@@ -220,15 +224,15 @@ class Engine:
             if self.draining or self._stopping:
                 self.observer.rejected("draining")
                 raise Overloaded("the server is shutting down", "draining", self.retry_after())
-            free = self.capacity - self.scheduler.occupied
-            if self.queued + len(request.labels) - free > self.max_queue:
+            jobs = [self._job(request, j, label) for j, label in enumerate(request.labels)]
+            if self.scheduler.would_wait([job for r in self._pending for job in r.jobs] + jobs) > self.max_queue:
                 self.observer.rejected("queue_full")
                 raise Overloaded(f"the queue is full ({self.queued} images waiting, at most "
                                  f"{self.max_queue})", "queue_full", self.retry_after())
             request.created = time.monotonic()
             if request.timeout is not None:
                 request.deadline = request.created + request.timeout
-            request.jobs = [self._job(request, j, label) for j, label in enumerate(request.labels)]
+            request.jobs = jobs
             self._active.append(request)
             self._pending.append(request)
             self._wake.notify()
@@ -239,10 +243,12 @@ class Engine:
         self._end(request, status, reason)
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the images ahead, over the slots, times one image's steps."""
-        waiting = self.queued + self.scheduler.occupied
-        steps = self.pipeline.sampling.num_steps
-        return max(1, math.ceil((waiting / self.capacity) * steps * self.step_seconds))
+        """Seconds until the work ahead is likely done: the steps left of every image in a slot or waiting (the
+        pending requests' too), over the slots, times one iteration."""
+        with self._wake:
+            pending = sum(len(r.jobs) * r.settings.num_steps for r in self._pending)
+        steps = self.scheduler.remaining_steps() + pending
+        return max(1, math.ceil(steps / self.capacity * self.step_seconds))
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _job(self, request: Request, j: int, label: int) -> ImageJob:
@@ -296,9 +302,15 @@ class Engine:
         """Hand accepted requests to the scheduler as the policy says (the caller holds `_wake`); returns how long
         the loop may sleep before a dynamic batch is due (None: until woken)."""
         pending = self._pending
-        if self.policy == "step":
+        if self.policy == "step" and self.admission == "fifo":
             while pending:
                 self.scheduler.submit(pending.popleft().jobs)
+            return None
+        if self.policy == "step":        # shortest first: requests of fewest steps take the slots free now
+            for request in sorted(pending, key=lambda r: r.settings.num_steps):
+                if self.scheduler.would_wait(request.jobs) < len(request.jobs):
+                    pending.remove(request)
+                    self.scheduler.submit(request.jobs)
             return None
         if not pending or not self.scheduler.idle():
             return None
