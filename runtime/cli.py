@@ -187,13 +187,34 @@ def _save_npy(array: np.ndarray, out: Path) -> None:
                    "of fewest steps (can starve long requests under sustained load).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (debug also logs every request).")
+@click.option("--ray-serve", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Serve on Ray Serve: --replicas copies, each loading the bundle and running its own scheduler; "
+                   "Ray Serve routes and restarts them. No ADDRESS: start a local Ray; 'auto' or ray://HOST:PORT: "
+                   "join that cluster (the bundle path must exist on its nodes). Needs the extra [distributed].")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray-serve: how many replicas.")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --ray-serve: GPUs each replica reserves (fractions share a GPU).")
+@click.option("--cpus-per-replica", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="With --ray-serve: CPUs each replica reserves (0: none); ONNX Runtime runs that many threads "
+                   "(at least 1).")
 @backend_option
 @one_line_errors
 def serve(bundle, host, port, max_batch, max_queue, max_images, request_timeout, grace, policy, batch_wait, admission,
-          log_level, backend):
+          log_level, ray_address, replicas, gpus_per_replica, cpus_per_replica, backend):
     """Serve the bundle over HTTP: POST /v1/generate (JSON or Server-Sent Events), /v1/models, /healthz, /readyz,
     /metrics, /docs. Images of all requests share steps (step-level batching) and equal `generate`'s byte for byte.
-    Needs the extra [serve]."""
+    Needs the extra [serve]; --ray-serve also [distributed]."""
+    if ray_address is not None:
+        from .cli_common import native_code_trust
+        from .serve_ray import serve_on_ray
+        serve_on_ray(bundle or DEMO_BUNDLE, ray_address, host, port, replicas=replicas, backend=backend,
+                     gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, grace=grace,
+                     log_level=log_level, load_options=native_code_trust(), max_batch=max_batch, max_queue=max_queue,
+                     max_images=max_images, request_timeout=request_timeout, policy=policy, batch_wait=batch_wait,
+                     admission=admission, on_ready=lambda url: click.echo(
+                         f"serving {replicas} replica(s) on Ray Serve at {url} (Ctrl-C or SIGTERM stops)"))
+        return
     from .serve_app import serve as run_server
     with open_pipeline(bundle, backend) as pipe:
         run_server(pipe, host=host, port=port, backend=backend, grace=grace, log_level=log_level,
