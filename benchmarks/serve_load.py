@@ -9,8 +9,8 @@ Every request is streamed with a preview every quarter of its steps, so the time
 with the latency. Bounded: `--requests` per point, `--time-limit` seconds per point (open loop: after the last
 arrival; what has not ended by then counts as unfinished). Output: JSON (`--out`, and a table on stderr).
 
-    python benchmarks/serve_load.py --max-batch 8 --rates 1,2,3 --concurrency 1,4,8 --requests 16 \\
-        --steps-scale 0.25 --time-limit 60 --out benchmarks/results/serve_load.json
+    python benchmarks/serve_load.py --max-batch 8 --concurrency 1,4,8 --requests 16 --steps-scale 0.25 \\
+        --time-limit 60 --out benchmarks/results/serve_load.json
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ WORKLOADS = {"mixed": ((16, 32, 64), 0.25), "uniform": ((32,), 0.0)}     # step 
 
 
 def start_server(args, policy: str):
+    """One `maskbit-run serve` process; `policy` is step, step:shortest (shortest-first admission), request or
+    single."""
+    policy, _, admission = policy.partition(":")
     command = [sys.executable, "-c", "from maskbit_runtime.cli import main; main()", "serve", "--host", "127.0.0.1",
                "--port", "0", "--policy", policy, "--batch-wait", str(args.batch_wait), "--max-queue", "100000",
-               "--request-timeout", str(args.time_limit)]
+               "--request-timeout", str(args.time_limit), "--admission", admission or "fifo"]
     command += ["--bundle", args.bundle] if args.bundle else []
     command += ["--max-batch", str(args.max_batch)] if args.max_batch else []
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -165,13 +168,60 @@ def overhead(url: str, bundle: str | None, repeats: int, num_steps: int = 32) ->
             "overhead_ms_per_step": round(1000 * extra, 3), "overhead_share_of_step": round(extra / step, 4)}
 
 
+def open_rates(args, workload_name: str, bodies: list[dict], servers: dict, report: dict) -> list[float]:
+    """The open-loop rates of one workload: absolute, or (xF) fractions of the dynamic batcher's capacity, which is
+    measured here: requests/s of a closed loop of --max-batch clients on the request-policy server."""
+    rates = [r for r in args.rates.split(",") if r]
+    if not any(r.startswith("x") for r in rates):
+        return [float(r) for r in rates]
+    if "request" not in servers:
+        raise SystemExit("relative rates (xF) need the request policy's server: add request to --policies")
+    url, start = servers["request"][1], time.perf_counter()
+    results = asyncio.run(closed_loop(url, bodies, args.max_batch, args.time_limit))
+    capacity = sum(r["status"] == 200 for r in results) / (time.perf_counter() - start)
+    report.setdefault("capacity_probe", {})[workload_name] = round(capacity, 4)
+    print(f"{workload_name}: dynamic batcher capacity {capacity:.3f} requests/s", file=sys.stderr, flush=True)
+    return [round(float(r[1:]) * capacity, 4) if r.startswith("x") else float(r) for r in rates]
+
+
+def goals(report: dict) -> dict:
+    """The issue's goals, per workload: step-level p99 over the dynamic batcher's at the rate nearest 0.7 of the
+    batcher's probed capacity; capacity (images/s of the open-loop points whose p99 <= 3x the policy's unloaded p50,
+    the closed loop of one client) of each policy over the batcher's; HTTP + scheduling overhead share of a step."""
+    out = {"overhead_share_of_step": report.get("overhead", {}).get("overhead_share_of_step")}
+    for name, probed in report.get("capacity_probe", {}).items():
+        runs = [r for r in report["runs"] if r["workload"] == name]
+        by = lambda policy, mode, runs=runs: [r for r in runs if r["policy"] == policy and r["mode"] == mode
+                                              and r["p99"]]
+        entry = {"probed_capacity": probed}
+        for policy in {r["policy"] for r in runs}:
+            unloaded = next((r["p50"] for r in by(policy, "closed") if r["concurrency"] == 1), None)
+            fits = [r["images_per_s"] for r in by(policy, "open") if unloaded and r["p99"] <= 3 * unloaded]
+            entry[policy] = {"unloaded_p50": unloaded, "capacity": max(fits, default=None)}
+        rates = sorted({r["rate"] for r in by("request", "open")})
+        if rates and "step" in entry:
+            at = min(rates, key=lambda rate: abs(rate - 0.7 * probed))
+            p99 = {r["policy"]: r["p99"] for r in runs if r["mode"] == "open" and r["rate"] == at}
+            entry["p99_at_0.7"] = {"rate": at, **p99}
+            entry["p99_ratio_step_vs_request"] = round(p99["step"] / p99["request"], 3) if "request" in p99 else None
+            base = entry.get("request", {}).get("capacity")
+            entry["capacity_ratio_vs_request"] = {policy: round(v["capacity"] / base, 3) for policy, v in entry.items()
+                                                  if isinstance(v, dict) and v.get("capacity") and base}
+        out[name] = entry
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=None, help="bundle directory (default: the demo bundle)")
     parser.add_argument("--max-batch", type=int, default=8, help="slots of every server")
-    parser.add_argument("--policies", default="step,request,single")
+    parser.add_argument("--policies", default="step,step:shortest,request,single",
+                        help="servers to compare: step (FIFO admission), step:shortest (fewest steps first), "
+                             "request (dynamic batching), single (one request at a time)")
     parser.add_argument("--workloads", default="mixed,uniform")
-    parser.add_argument("--rates", default="0.3,0.6,0.9", help="open-loop arrival rates, requests/s")
+    parser.add_argument("--rates", default="x0.3,x0.5,x0.7,x0.9",
+                        help="open-loop arrival rates, requests/s; xF is F times the dynamic batcher's capacity, "
+                             "measured first for each workload (closed loop, --max-batch clients, policy request)")
     parser.add_argument("--concurrency", default="1,4,8", help="closed-loop concurrencies")
     parser.add_argument("--requests", type=int, default=16, help="requests per point")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale the workloads' step counts")
@@ -196,11 +246,11 @@ def main() -> None:
         if "step" in servers and args.overhead_repeats:
             report["overhead"] = overhead(servers["step"][1], args.bundle, args.overhead_repeats)
             print(json.dumps(report["overhead"]), file=sys.stderr, flush=True)
-        points = [("open", float(r)) for r in args.rates.split(",") if r] + \
-                 [("closed", int(c)) for c in args.concurrency.split(",") if c]
         for name in args.workloads.split(","):
+            bodies = workload(name, args.requests, num_classes, args.steps_scale, args.seed, not args.no_previews)
+            points = [("open", rate) for rate in open_rates(args, name, bodies, servers, report)] + \
+                     [("closed", int(c)) for c in args.concurrency.split(",") if c]
             for mode, level in points:
-                bodies = workload(name, args.requests, num_classes, args.steps_scale, args.seed, not args.no_previews)
                 for policy, (_, url) in servers.items():
                     before, start = scrape(url), time.perf_counter()
                     if mode == "open":
@@ -217,6 +267,8 @@ def main() -> None:
         for process, _ in servers.values():
             process.terminate()
             process.wait(timeout=60)
+    report["goals"] = goals(report)
+    print(json.dumps(report["goals"], indent=1), file=sys.stderr)
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
