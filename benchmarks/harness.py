@@ -159,7 +159,9 @@ def counted_flops(fn: Callable[[], object]) -> float:
 
 def gemm_cases(cfg, rows: int, threads: int) -> tuple[dict[str, Callable[[], object]], float]:
     """fp32 GEMMs of one transformer layer's weight shapes at `rows` rows in torch, numpy and ONNX Runtime (MLAS),
-    and their FLOPs. The best of the three is the machine's measured fp32 GEMM peak."""
+    and their FLOPs. The best of the three is the machine's measured fp32 GEMM peak. Beside them, the same GEMMs
+    in int8 (ONNX Runtime, quantized as bundles are) and bf16 (torch): the ceilings of the int8 and bf16 steps'
+    speed-ups on this machine (`gemm_ort` / `gemm_ort_int8`, `gemm_torch` / `gemm_torch_bf16`)."""
     D, F = cfg.hidden_dim, cfg.mlp_dim
     rng = np.random.default_rng(0)
     shapes = [(D, 3 * D), (D, D), (D, F), (F, D)]
@@ -168,6 +170,8 @@ def gemm_cases(cfg, rows: int, threads: int) -> tuple[dict[str, Callable[[], obj
     t_weights, t_acts = [torch.from_numpy(w) for w in weights], [torch.from_numpy(a) for a in acts]
     flops = float(sum(2 * rows * k * n for k, n in shapes))
     session, feeds = _ort_gemms(weights, acts, threads)
+    session_int8, _ = _ort_gemms(weights, acts, threads, int8=True)
+    b_acts, b_weights = [a.bfloat16() for a in t_acts], [w.bfloat16() for w in t_weights]
 
     def torch_gemm():
         for a, w in zip(t_acts, t_weights):
@@ -176,12 +180,16 @@ def gemm_cases(cfg, rows: int, threads: int) -> tuple[dict[str, Callable[[], obj
     def numpy_gemm():
         for a, w in zip(acts, weights):
             a @ w
-    return {"gemm_torch": torch_gemm, "gemm_numpy": numpy_gemm,
-            "gemm_ort": lambda: session.run(None, feeds)}, flops
+    def torch_bf16_gemm():
+        for a, w in zip(b_acts, b_weights):
+            torch.mm(a, w)
+    return {"gemm_torch": torch_gemm, "gemm_numpy": numpy_gemm, "gemm_ort": lambda: session.run(None, feeds),
+            "gemm_ort_int8": lambda: session_int8.run(None, feeds), "gemm_torch_bf16": torch_bf16_gemm}, flops
 
 
-def _ort_gemms(weights: list[np.ndarray], acts: list[np.ndarray], threads: int):
-    """An ONNX graph of independent MatMuls with constant weights, as the runtime's graphs have them."""
+def _ort_gemms(weights: list[np.ndarray], acts: list[np.ndarray], threads: int, int8: bool = False):
+    """An ONNX graph of independent MatMuls with constant weights, as the runtime's graphs have them (int8:
+    quantized with the arguments of int8 bundles)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     inputs = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, list(a.shape)) for i, a in enumerate(acts)]
@@ -190,7 +198,18 @@ def _ort_gemms(weights: list[np.ndarray], acts: list[np.ndarray], threads: int):
     inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
     model = helper.make_model(helper.make_graph(nodes, "gemms", inputs, outputs, inits),
                               opset_imports=[helper.make_opsetid("", 18)])
+    data = model.SerializeToString()
+    if int8:
+        import tempfile
+
+        from onnxruntime.quantization import quantize_dynamic
+
+        from maskbit_export.quantize import dynamic_int8_options
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "f.onnx").write_bytes(data)
+            quantize_dynamic(str(Path(tmp) / "f.onnx"), str(Path(tmp) / "q.onnx"), **dynamic_int8_options())
+            data = (Path(tmp) / "q.onnx").read_bytes()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     return session, {f"x{i}": a for i, a in enumerate(acts)}

@@ -66,6 +66,17 @@ def markdown(groups: dict[str, list[dict]], data: dict) -> str:
                                  f"{'n/a' if bound is None else f'{bound:.2%}'} |")
             lines.append("")
             continue
+        ratios = [b for b in benches if "precision_step_ratio" in b["extra_info"]]
+        if ratios:
+            lines += [f"**{group}: what reduced precision pays on this machine** (fp32 time over the reduced "
+                      "precision's; the ceiling is the same ratio for the step's GEMMs, same library and shapes):", "",
+                      "| case | step speed-up over its fp32 | GEMM speed-up (ceiling) | share of the ceiling |",
+                      "|---|---|---|---|"]
+            for b in ratios:
+                i = b["extra_info"]
+                lines.append(f"| {case_name(b)} | {i['precision_step_ratio']:.2f}x | {i['precision_gemm_ratio']:.2f}x "
+                             f"| {i['precision_step_ratio'] / i['precision_gemm_ratio']:.0%} |")
+            lines.append("")
         lines += [f"**{group}**", "", "| case | " + " | ".join(c[0] for c in COLUMNS) + " |",
                   "|---" * (len(COLUMNS) + 1) + "|"]
         for b in sorted(benches, key=lambda b: b["extra_info"].get("median_ms", 0), reverse=True):

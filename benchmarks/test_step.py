@@ -6,7 +6,10 @@ import pytest
 from harness import REPLAY, record, speedup_info
 
 GEMMS = ("gemm_torch", "gemm_numpy", "gemm_ort")
-CASES = ("eager_fp32", "eager_bf16", "ort_fp32", "ort_int8", *GEMMS)
+# a reduced-precision step -> (its fp32 step, the GEMMs of its ceiling: fp32 and reduced, same library)
+PRECISIONS = {"ort_int8": ("ort_fp32", "gemm_ort", "gemm_ort_int8"),
+              "eager_bf16": ("eager_fp32", "gemm_torch", "gemm_torch_bf16")}
+CASES = ("eager_fp32", "eager_bf16", "ort_fp32", "ort_int8", *GEMMS, "gemm_ort_int8", "gemm_torch_bf16")
 
 pytestmark = pytest.mark.benchmark(timer=REPLAY)
 
@@ -29,10 +32,20 @@ def test_step(benchmark, step_group, step_checks, labels, case):
     flops = step_group.flops[case]
     extra = {"gflop": flops / 1e9, "gflops": flops / median / 1e9, "peak_gflops": peak / 1e9,
              "peak_fraction": flops / median / peak}
-    if case not in GEMMS:
+    if not case.startswith("gemm"):
         extra.update(images_per_s=len(labels) / median,
                      **speedup_info("step", case, step_group.median("eager_fp32") / median))
+    if case in PRECISIONS:
+        extra.update(precision_ratios(step_group, case))
     record(benchmark, step_group, case, **extra)
+
+
+def precision_ratios(group, case: str) -> dict:
+    """What the reduced precision buys the step on this machine (its fp32 step over it), next to what it buys
+    the step's GEMMs (the fp32 GEMM over the reduced one, same library and shapes): the ceiling."""
+    fp32_step, fp32_gemm, low_gemm = PRECISIONS[case]
+    return {"precision_step_ratio": group.median(fp32_step) / group.median(case),
+            "precision_gemm_ratio": group.median(fp32_gemm) / group.median(low_gemm)}
 
 
 @pytest.mark.parametrize("case", ("ort_int8", "eager_bf16"))

@@ -30,10 +30,18 @@ def weight_matmuls(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
+def dynamic_int8_options() -> dict:
+    """onnxruntime's quantize_dynamic arguments of every int8 graph here (bundles, and the benchmark's GEMMs that
+    measure the machine's int8 ceiling)."""
+    from onnxruntime.quantization import QuantType
+    return {"per_channel": True, "reduce_range": True, "weight_type": QuantType.QInt8,
+            "op_types_to_quantize": ["MatMul"]}
+
+
 def quantize_int8(path: Path) -> dict:
     """Quantize the ONNX file at `path` in place; returns what was quantized and what was kept float32."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     names = weight_matmuls(onnx.load(str(path), load_external_data=False))
     keep = names[:KEEP_FIRST] + names[-KEEP_LAST:]
@@ -42,8 +50,7 @@ def quantize_int8(path: Path) -> dict:
     quant_logger.setLevel(logging.ERROR)
     try:
         with atomic_output(path) as tmp:
-            quantize_dynamic(str(path), str(tmp), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-                             nodes_to_exclude=keep, op_types_to_quantize=["MatMul"])
+            quantize_dynamic(str(path), str(tmp), nodes_to_exclude=keep, **dynamic_int8_options())
     finally:
         quant_logger.setLevel(level)
     return {"method": "onnxruntime dynamic int8 (per-channel 7-bit weights)",
