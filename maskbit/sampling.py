@@ -32,13 +32,15 @@ def generate_groups(generator: Generator, labels: Sequence[int], sampling: Sampl
     cfg = generator.config
     labels = check_labels(labels, cfg.num_classes)
     device = next(generator.parameters()).device
-    step = GenerationStep(generator, guidance=sampling.uses_guidance).eval()
-    noise = StepNoise(seed, len(labels), cfg.num_tokens, cfg.codebook_splits, first_index)
+    steps = {guided: GenerationStep(generator, guidance=guided).eval() for guided in (True, False)}
+    noise = StepNoise(seed, len(labels), cfg.num_tokens, cfg.codebook_splits, first_index,
+                      sampling.order_noise(cfg.num_tokens, cfg.codebook_splits))
     B = len(labels)
     tokens = torch.full((B, cfg.num_tokens, cfg.codebook_splits), cfg.mask_token, dtype=torch.int64, device=device)
     labels = torch.as_tensor(labels, device=device)
     row = lambda value, dtype=torch.float32: torch.full((B,), value, dtype=dtype, device=device)   # one per row
     for i, params in enumerate(sampling.plan(cfg.num_tokens * cfg.codebook_splits)):
+        step = steps[params.guided]          # outside the guidance interval: the conditional model alone
         tokens, sampled = step(tokens, labels, torch.from_numpy(noise.draw()).to(device), row(params.guidance_scale),
                                row(params.softmax_temperature), row(params.confidence_noise_scale),
                                row(params.num_to_mask, torch.int64))

@@ -10,7 +10,7 @@ import click
 from .backends import BACKENDS
 from .errors import InputError, MaskbitError
 from .sampling import HELP, MAX_STEPS, SamplingSettings
-from .schedules import GUIDANCE_ANNEALING, MASK_SCHEDULES
+from .schedules import GUIDANCE_ANNEALING, MASK_SCHEDULES, UNMASK_ORDERS
 
 DEMO_BUNDLE = Path(__file__).parent / "demo" / "bundle"
 
@@ -85,7 +85,8 @@ batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=
 def sampling_options(fn):
     """One option per sampling setting (`--num-steps`, `--guidance-scale`, ...); unset ones keep the bundle's."""
     kinds = {"num_steps": click.IntRange(1, MAX_STEPS), "guidance_annealing": click.Choice(GUIDANCE_ANNEALING),
-             "mask_schedule": click.Choice(MASK_SCHEDULES), "use_sampling_annealing": click.BOOL}
+             "mask_schedule": click.Choice(MASK_SCHEDULES), "use_sampling_annealing": click.BOOL,
+             "unmask_order": click.Choice(UNMASK_ORDERS)}
     for name in reversed(SamplingSettings.fields()):
         fn = click.option(f"--{name.replace('_', '-')}", name, type=kinds.get(name, float), default=None,
                           help=f"{HELP[name]} (default: the bundle's)")(fn)

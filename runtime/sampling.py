@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError
-from .schedules import GUIDANCE_ANNEALING, MASK_SCHEDULES, StepParams, plan_steps
+from .schedules import GUIDANCE_ANNEALING, MASK_SCHEDULES, StepParams, guided_steps, plan_steps
+from .unmask_order import UNMASK_ORDERS, order_noise
 
 MAX_STEPS = 4096                 # the official configs use 64-256; more only grows time, never quality
 MAX_GUIDANCE = 1000.0
@@ -31,6 +32,11 @@ HELP = {   # one line per field, for the command lines' options
     "randomize_temperature": "Scale of the Gumbel noise on the confidence ranking (annealed to 0).",
     "mask_schedule": "How many groups stay masked after each step.",
     "use_sampling_annealing": "Anneal the softmax temperature from 1.3 to 0.5 instead of a fixed one.",
+    "guidance_start": "Guidance interval start, a fraction of the steps: step i guides when start <= i/steps < stop; "
+                      "the others run unguided (one transformer pass instead of two).",
+    "guidance_stop": "Guidance interval end (exclusive), a fraction of the steps (1 = through the last step).",
+    "unmask_order": "Which masked groups are decided first: by confidence (with annealed Gumbel noise), or in a "
+                    "fixed quasi-random Halton order over the token grid (randomize_temperature then has no effect).",
 }
 
 
@@ -50,6 +56,9 @@ class SamplingSettings:
     randomize_temperature: float = 7.8
     mask_schedule: str = "arccos"
     use_sampling_annealing: bool = False
+    guidance_start: float = 0.0      # guidance interval (arXiv 2404.07724), fractions of the steps
+    guidance_stop: float = 1.0
+    unmask_order: str = "confidence"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -63,6 +72,13 @@ class SamplingSettings:
         set_("mask_schedule", _choice("mask_schedule", self.mask_schedule, MASK_SCHEDULES))
         if not isinstance(self.use_sampling_annealing, bool):
             raise SamplingError(f"use_sampling_annealing must be true or false, got {self.use_sampling_annealing!r}")
+        set_("guidance_start", _real("guidance_start", self.guidance_start, 0.0, 1.0))
+        set_("guidance_stop", _real("guidance_stop", self.guidance_stop, 0.0, 1.0))
+        set_("unmask_order", _choice("unmask_order", self.unmask_order, UNMASK_ORDERS))
+        if not any(guided_steps(self.num_steps, 1.0, self.guidance_start, self.guidance_stop)):
+            raise SamplingError(f"the guidance interval [{self.guidance_start:g}, {self.guidance_stop:g}) holds none "
+                                f"of the {self.num_steps} steps (step i guides when start <= i/{self.num_steps} "
+                                f"< stop)")
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -93,10 +109,25 @@ class SamplingSettings:
         """False when every step's effective guidance scale is 0: the unconditional half can be skipped."""
         return self.guidance_scale != 0.0
 
+    def guided_steps(self) -> list[bool]:
+        """Per step, whether it runs the guided graph (two transformer passes) or the unguided one (one pass)."""
+        return guided_steps(self.num_steps, self.guidance_scale, self.guidance_start, self.guidance_stop)
+
+    def transformer_passes(self, has_unguided: bool = True) -> int:
+        """Transformer passes per image: 2 per guided step, 1 per unguided one (2 when the bundle has no unguided
+        step graph: its unguided steps run the guided graph at scale 0)."""
+        guided = sum(self.guided_steps())
+        return 2 * guided + (1 if has_unguided else 2) * (self.num_steps - guided)
+
     def plan(self, num_groups: int) -> list[StepParams]:
         """Every step's scalar inputs for images of `num_groups` maskable groups."""
         settings = self.to_dict()
         return plan_steps(settings.pop("num_steps"), num_groups, **settings)
+
+    def order_noise(self, num_tokens: int, groups_per_token: int):
+        """float32 [N, M], the noise[...,1] of every step under a fixed unmask order; None under the confidence
+        order (the image's stream draws it)."""
+        return order_noise(self.unmask_order, num_tokens, groups_per_token)
 
 
 def _integer(name: str, value: Any, low: int, high: int) -> int:
