@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -161,7 +162,10 @@ def _save_npy(array: np.ndarray, out: Path) -> None:
 
 
 @main.command()
-@bundle_option
+@click.option("--bundle", "bundles", multiple=True, metavar="[NAME=]PATH",
+              help="Bundle directory (default: the demo bundle). Repeat it to serve several side by side, each "
+                   "named (--bundle fp32=B1 --bundle int8=B2; a plain PATH is named after its folder): requests "
+                   "pick one with `model`, the page compares two.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
@@ -200,15 +204,20 @@ def _save_npy(array: np.ndarray, out: Path) -> None:
                    "(at least 1).")
 @backend_option
 @one_line_errors
-def serve(bundle, host, port, max_batch, max_queue, max_images, request_timeout, grace, policy, batch_wait, admission,
+def serve(bundles, host, port, max_batch, max_queue, max_images, request_timeout, grace, policy, batch_wait, admission,
           log_level, ray_address, replicas, gpus_per_replica, cpus_per_replica, backend):
     """Serve the bundle over HTTP: POST /v1/generate (JSON or Server-Sent Events), /v1/models, /healthz, /readyz,
     /metrics, /docs. Images of all requests share steps (step-level batching) and equal `generate`'s byte for byte.
     Needs the extra [serve]; --ray-serve also [distributed]."""
+    from .serve_models import parse_bundles
+    named = parse_bundles(bundles)
     if ray_address is not None:
         from .cli_common import native_code_trust
         from .serve_ray import serve_on_ray
-        serve_on_ray(bundle or DEMO_BUNDLE, ray_address, host, port, replicas=replicas, backend=backend,
+        if len(named) > 1:
+            raise InputError("--ray-serve serves one bundle; give --bundle once")
+        path = next(iter(named.values()), DEMO_BUNDLE)
+        serve_on_ray(path, ray_address, host, port, replicas=replicas, backend=backend,
                      gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, grace=grace,
                      log_level=log_level, load_options=native_code_trust(), max_batch=max_batch, max_queue=max_queue,
                      max_images=max_images, request_timeout=request_timeout, policy=policy, batch_wait=batch_wait,
@@ -216,7 +225,10 @@ def serve(bundle, host, port, max_batch, max_queue, max_images, request_timeout,
                          f"serving {replicas} replica(s) on Ray Serve at {url} (Ctrl-C or SIGTERM stops)"))
         return
     from .serve_app import serve as run_server
-    with open_pipeline(bundle, backend) as pipe:
-        run_server(pipe, host=host, port=port, backend=backend, grace=grace, log_level=log_level,
+    with contextlib.ExitStack() as stack:     # one bundle is served as one Pipeline, several as {name: Pipeline}
+        named = named or {"": None}                                      # none: the demo bundle
+        pipes = {name: stack.enter_context(open_pipeline(path, backend)) for name, path in named.items()}
+        served = pipes if len(pipes) > 1 else pipes.popitem()[1]
+        run_server(served, host=host, port=port, backend=backend, grace=grace, log_level=log_level,
                    max_batch=max_batch, max_queue=max_queue, max_images=max_images, request_timeout=request_timeout,
                    policy=policy, batch_wait=batch_wait, admission=admission)

@@ -1,9 +1,11 @@
 """HTTP for the serving engine (FastAPI on uvicorn, extra `[serve]`): `create_app(pipeline)` and `serve(...)`.
 
 POST /v1/generate (JSON; `stream: true` answers Server-Sent Events), GET /v1/models, /healthz, /readyz, /metrics,
-/openapi.json and /docs (FastAPI's), / (a page for people). Errors are JSON `{"error": "<one line>"}`: 422 for a
-bad request (the field named), 413 for too many images or too large a body, 503 with Retry-After when the queue is
-full or the server drains, 504 when the request's deadline passed, 500 when the backend failed its images.
+/openapi.json and /docs (FastAPI's), / (the playground page, serve_page.py). `create_app({name: pipeline, ...})`
+serves several bundles side by side (serve_models.py): a request picks one with `model`. Errors are JSON
+`{"error": "<one line>"}`: 422 for a bad request (the field named), 413 for too many images or too large a body, 503
+with Retry-After when the queue is full or the server drains, 504 when the request's deadline passed, 500 when the
+backend failed its images.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import typing
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Literal
 
 from .errors import InputError, MissingDependencyError
@@ -20,13 +22,14 @@ from .pipeline import Pipeline
 from .sampling import HELP, SamplingSettings
 from .serve import MAX_PREVIEWS, Engine, Overloaded, Request, TooLarge
 from .serve_encode import STATUS, encode_result, png_base64, result_json
+from .serve_models import LabelledRegistries, Model, model_card, named_pipelines
 
 try:
     import uvicorn
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -34,6 +37,7 @@ except ImportError as exc:
     raise MissingDependencyError(f"maskbit-run serve needs {exc.name}: pip install 'maskbit[serve]'") from None
 
 from .serve_metrics import Metrics  # noqa: E402  (after the guarded imports: it needs prometheus_client too)
+from .serve_page import add_page_routes  # noqa: E402
 
 MAX_BODY = 1 << 20               # bytes of JSON per request
 MAX_ERROR = 300                  # characters of an error line
@@ -52,6 +56,7 @@ class _Request(BaseModel):
     preview_every: int = Field(0, description=f"Streamed preview every k steps (0: none; at most {MAX_PREVIEWS} "
                                               "per image)")
     timeout: float | None = Field(None, description="Deadline in seconds (at most the server's)")
+    model: str | None = Field(None, description="Which bundle (an `id` of /v1/models); default: the first")
 
 
 _TYPES = typing.get_type_hints(SamplingSettings)
@@ -105,32 +110,41 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(pipeline: Pipeline, backend: str = "ort", **engine_options) -> FastAPI:
-    """The app over one pipeline; the engine warms up and starts with the app (lifespan) and stops with it."""
-    metrics = Metrics()
-    engine = Engine(pipeline, observer=metrics, **engine_options)
-    metrics.bind(engine)
+def create_app(pipelines: Pipeline | Mapping[str, Pipeline], backend: str = "ort", **engine_options) -> FastAPI:
+    """The app over one pipeline, or over several side by side ({name: Pipeline}: one engine each, requests pick
+    one by `model`, the first by default). Engines warm up and start with the app (lifespan) and stop with it."""
+    models = {}
+    for name, pipeline in named_pipelines(pipelines).items():
+        metrics = Metrics()
+        engine = Engine(pipeline, observer=metrics, **engine_options)
+        metrics.bind(engine)
+        models[name] = Model(name, pipeline, engine, metrics)
+    default = next(iter(models.values()))
+    registry = default.metrics.registry if len(models) == 1 else \
+        LabelledRegistries({name: model.metrics.registry for name, model in models.items()})
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(engine.start)
+        for model in models.values():
+            await asyncio.to_thread(model.engine.start)
         yield
-        await asyncio.to_thread(engine.stop)
+        for model in models.values():
+            await asyncio.to_thread(model.engine.stop)
 
     app = FastAPI(title="MaskBit", version="1", lifespan=lifespan,
                   description="Class-conditional image generation with step-level batching across requests.")
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.models = default.engine, default.metrics, models
     app.add_middleware(_BodyLimit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
-        metrics.rejected("invalid")
+        default.metrics.rejected("invalid")
         return _error(422, _field_error(exc.errors()[0]) if exc.errors() else "invalid request")
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         if exc.status_code == 400:               # FastAPI's "error parsing the body": bad UTF-8, deep nesting, ...
-            metrics.rejected("invalid")
+            default.metrics.rejected("invalid")
             return _error(422, "malformed JSON: the body could not be parsed")
         return _error(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
@@ -140,73 +154,74 @@ def create_app(pipeline: Pipeline, backend: str = "ort", **engine_options) -> Fa
         413: {"description": "too many images"}, 422: {"description": "a bad field"},
         503: {"description": "queue full or draining (Retry-After)"}, 504: {"description": "deadline passed"}})
     async def generate(body: GenerateRequest, http: HTTPRequest):
+        model = models.get(body.model or default.name)
+        if model is None:
+            default.metrics.rejected("invalid")
+            return _error(422, f"model: no model {body.model!r} here; this server has {', '.join(models)}")
         if body.stream and body.format not in ("png", "tokens"):
-            metrics.rejected("invalid")
+            model.metrics.rejected("invalid")
             return _error(422, f"format: {body.format} cannot be streamed; use png or tokens")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        post = lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data))
-        sampling = {name: getattr(body, name) for name in SamplingSettings.fields()}
-        try:
-            labels = _labels(pipeline, body.labels)
-            request = engine.request(labels, body.seed, body.first_index, body.preview_every if body.stream else 0,
-                                     body.timeout, post, **sampling)
-            engine.submit(request)
-        except TooLarge as exc:
-            metrics.rejected("too_large")
-            return _error(413, str(exc))
-        except Overloaded as exc:
-            return _error(503, str(exc), {"Retry-After": str(exc.retry_after)})
-        except InputError as exc:
-            metrics.rejected("invalid")
-            return _error(422, str(exc))
-        if body.stream:
-            return StreamingResponse(_events(engine, request, events, body.format), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        ended = asyncio.ensure_future(_until_end(events))
-        gone = asyncio.ensure_future(_disconnect(http))
-        await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not ended.done():                     # the client left: free its slots at the next step
-            engine.cancel(request)
-            ended.cancel()
-            return Response(status_code=499)
-        gone.cancel()
-        if request.status != "done":
-            return _error(STATUS[request.status], request.error or request.status)
-        content, media = await asyncio.to_thread(encode_result, request, body.format, pipeline)
-        return Response(content, media_type=media, headers=_timing(request))
+        return await _generate(model, body, http)
 
-    @app.get("/v1/models", summary="The bundle served: classes, sampling defaults, precision, backend, limits")
-    async def models():
-        m = pipeline.manifest
-        return {"object": "list", "data": [{
-            "id": m.name, "bundle": Path(m.root).name, "backend": backend,
-            "precision": m.components["step"].precision, "num_classes": m.num_classes,
-            "classes": list(m.class_names) if m.class_names else None, "image_size": m.dims.image_size,
-            "sampling": pipeline.sampling.to_dict(), "formats": ["png", "grid_png", "npz", "tokens"],
-            "limits": {"slots": engine.capacity, "max_images": engine.max_images, "max_queue": engine.max_queue,
-                       "request_timeout": engine.request_timeout, "max_previews": MAX_PREVIEWS}}]}
+    @app.get("/v1/models", summary="The bundles served: classes, sampling defaults, precision, backend, "
+                                   "distribution gate, limits")
+    async def list_models():
+        return {"object": "list", "data": [model_card(model, backend) for model in models.values()]}
 
     @app.get("/healthz", summary="The process answers")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Bundle loaded, warmed up and admitting requests")
+    @app.get("/readyz", summary="Every bundle loaded, warmed up and admitting requests")
     async def readyz():
-        if not engine.ready or engine.draining:
-            return _error(503, "draining" if engine.draining else "warming up", {"Retry-After": "1"})
+        engines = [model.engine for model in models.values()]
+        if any(engine.draining for engine in engines) or not all(engine.ready for engine in engines):
+            draining = any(engine.draining for engine in engines)
+            return _error(503, "draining" if draining else "warming up", {"Retry-After": "1"})
         return {"status": "ready"}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics (with a `model` label when serving several bundles)")
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        from .serve_page import page_html
-        return page_html(pipeline)
-
+    add_page_routes(app, default.pipeline)
     return app
+
+
+async def _generate(model: Model, body, http: HTTPRequest) -> Response:
+    engine, pipeline, metrics = model.engine, model.pipeline, model.metrics
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    post = lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data))
+    sampling = {name: getattr(body, name) for name in SamplingSettings.fields()}
+    try:
+        labels = _labels(pipeline, body.labels)
+        request = engine.request(labels, body.seed, body.first_index, body.preview_every if body.stream else 0,
+                                 body.timeout, post, **sampling)
+        engine.submit(request)
+    except TooLarge as exc:
+        metrics.rejected("too_large")
+        return _error(413, str(exc))
+    except Overloaded as exc:
+        return _error(503, str(exc), {"Retry-After": str(exc.retry_after)})
+    except InputError as exc:
+        metrics.rejected("invalid")
+        return _error(422, str(exc))
+    if body.stream:
+        return StreamingResponse(_events(engine, request, events, body.format), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    ended = asyncio.ensure_future(_until_end(events))
+    gone = asyncio.ensure_future(_disconnect(http))
+    await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not ended.done():                     # the client left: free its slots at the next step
+        engine.cancel(request)
+        ended.cancel()
+        return Response(status_code=499)
+    gone.cancel()
+    if request.status != "done":
+        return _error(STATUS[request.status], request.error or request.status)
+    content, media = await asyncio.to_thread(encode_result, request, body.format, pipeline)
+    return Response(content, media_type=media, headers=_timing(request))
 
 
 def _labels(pipeline: Pipeline, items: list[int | str]) -> list[int]:
@@ -256,16 +271,17 @@ async def _events(engine: Engine, request: Request, events: asyncio.Queue, forma
         engine.cancel(request)                   # no-op when it ended
 
 
-def serve(pipeline: Pipeline, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort", grace: float = 30.0,
-          log_level: str = "info", **engine_options) -> None:
+def serve(pipelines: Pipeline | Mapping[str, Pipeline], host: str = "127.0.0.1", port: int = 8000,
+          backend: str = "ort", grace: float = 30.0, log_level: str = "info", **engine_options) -> None:
     """Serve until SIGTERM/SIGINT: admission stops at once (new requests 503, the listener closes), requests in
     flight get `grace` seconds to finish, the rest end with 503."""
-    app = create_app(pipeline, backend, **engine_options)
-    engine = app.state.engine
+    app = create_app(pipelines, backend, **engine_options)
+    engines = [model.engine for model in app.state.models.values()]
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            engine.drain()
+            for engine in engines:
+                engine.drain()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -16,11 +17,13 @@ DEMO = ROOT / "runtime" / "demo" / "bundle"
 
 
 class ThreadServer:
-    """`with ThreadServer(**app_options) as s:` serves the demo bundle at `s.url` until the block ends."""
+    """`with ThreadServer(**app_options) as s:` serves the demo bundle at `s.url` until the block ends;
+    `ThreadServer(bundles={"a": path, "b": path})` serves several side by side (`s.pipes`, `s.pipe` the first)."""
 
-    def __init__(self, log_level: str = "warning", **options):
-        self.pipe = Pipeline.load(DEMO)
-        self.app = create_app(self.pipe, **options)
+    def __init__(self, log_level: str = "warning", bundles: dict[str, Path] | None = None, **options):
+        self.pipes = {name: Pipeline.load(path) for name, path in (bundles or {}).items()}
+        self.pipe = next(iter(self.pipes.values())) if self.pipes else Pipeline.load(DEMO)
+        self.app = create_app(self.pipes or self.pipe, **options)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level=log_level))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -36,4 +39,5 @@ class ThreadServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-        self.pipe.close()
+        for pipe in self.pipes.values() or [self.pipe]:
+            pipe.close()
