@@ -128,12 +128,25 @@ def start(bundle, address: str | None = None, host: str = "127.0.0.1", port: int
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config=logs)
         serve.run(application, name=APP_NAME, route_prefix="/", logging_config=logs)
-    except Exception as exc:
+    except BaseException as exc:
+        if not isinstance(exc, Exception):      # Ctrl-C while replicas start: leave no Ray behind
+            stop(started_ray)
+            raise
+        reason = _failure(serve) or str(exc)
         stop(started_ray)
-        lines = str(exc).strip().splitlines()
+        lines = [line for line in reason.strip().splitlines() if line.strip()]
         raise RayServeError(f"Ray Serve could not start {APP_NAME}: {lines[-1] if lines else type(exc).__name__}") \
             from None
     return started_ray
+
+
+def _failure(serve) -> str | None:
+    """The deployment's own failure message (the replica's exception), which serve.run's error leaves out."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+        return app.deployments[DEPLOYMENT].message if app and DEPLOYMENT in app.deployments else None
+    except Exception:                            # Serve itself failed: the caller's message stands
+        return None
 
 
 def stop(started_ray: bool) -> None:
@@ -171,17 +184,19 @@ def serve_on_ray(bundle, address: str | None = None, host: str = "127.0.0.1", po
                  on_ready: Callable[[str], None] | None = None, **options) -> None:
     """Serve on Ray Serve until SIGTERM or SIGINT (`on_ready(url)` once every replica is up), then delete the
     application, its replicas draining for `grace` seconds (and shut down the Ray this call started)."""
+    started_ray = start(bundle, address, host, port, **options)
+    # After ray.init, which installs its own SIGTERM handlers (Python's sys.exit and a C++ one that aborts the
+    # process 3 s later): ours replace both, so the shutdown below may take its time.
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        started_ray = start(bundle, address, host, port, **options)
-        try:
-            if on_ready is not None:
-                on_ready(f"http://{host}:{port}")
-            while not stopping.wait(1.0):
-                pass
-        finally:
-            stop(started_ray)
+        if on_ready is not None:
+            on_ready(f"http://{host}:{port}")
+        while not stopping.wait(1.0):
+            pass
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        try:
+            stop(started_ray)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
