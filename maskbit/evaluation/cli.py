@@ -184,6 +184,63 @@ def compare(bundle_a, bundle_b, per_class, seeds, features, inception_weights, b
     _write_json(report, out)
 
 
+@main.command()
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="A bundle of the demo classes "
+              "(default: the shipped demo bundle).")
+@click.option("--plans", "plans_file", type=click.Path(path_type=Path), default=None,
+              help='JSON {"name": {setting: value, ...}, ...}: sampling overrides per plan (any sampling setting); '
+                   '"default", the bundle\'s own settings, is always measured.')
+@click.option("--per-class", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds (at least 2).")
+@click.option("--reference-per-class", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Held-out real crops per class in the reference set.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Write the front as PNG: passes per image against FID and recall (needs matplotlib).")
+@one_line_errors
+def tradeoff(bundle, plans_file, per_class, seeds, reference_per_class, out, plot):
+    """Cost and quality of sampling plans: per plan, transformer passes and seconds per image on this machine,
+    and FID, KID, precision/recall (demo network and 16x16 thumbnails), class accuracy, each as mean and min-max
+    over seeds. Marks the plan with the fewest passes that lies within the default's spread: in both feature
+    spaces, its seed-mean FID at most the default's largest per-seed FID and its seed-mean precision and recall at
+    least the default's smallest per-seed values."""
+    from maskbit_runtime.errors import require
+
+    from .features import load_demo_features
+    from .tradeoff import DEFAULT, measure_tradeoff, parse_plans, plot_front, read_plans
+    seed_list = _seeds(seeds)
+    if plot:
+        require("matplotlib", "dev", "--plot")      # before the measurement, not after it
+    network = load_demo_features()
+    with _demo_pipe(bundle) as pipe:
+        plans = read_plans(plans_file, pipe.sampling) if plans_file else parse_plans({DEFAULT: {}}, pipe.sampling)
+        total = len(plans) * len(seed_list) * per_class * (pipe.num_classes or 0)
+        with _progress(total, f"{len(plans)} plans x {len(seed_list)} seeds") as progress:
+            report = measure_tradeoff(pipe, network, plans, per_class, seed_list, reference_per_class, progress)
+    for name, entry in report["plans"].items():
+        metrics = entry["metrics"]
+        click.echo(f"{name}: {entry['transformer_passes_per_image']} passes/image, "
+                   f"{entry['seconds_per_image']['mean']:.3f} s/image, "
+                   + ", ".join(f"{m} {metrics[m]['mean']:.4g} [{metrics[m]['min']:.4g}, {metrics[m]['max']:.4g}]"
+                               for m in ("fid", "precision", "recall", "pixels_precision", "pixels_recall",
+                                         "class_accuracy"))
+                   + (" (within the default's spread)" if entry["within_default_spread"] else ""))
+    click.echo(f"marked: {report['marked']} ({report['marked_passes_saved_vs_default']:.2f}x fewer passes than "
+               f"the default); load average {report['machine']['load_average']} -> "
+               f"{report['machine']['load_average_end']}")
+    _write_json(report, out)
+    if plot:
+        plot_front(report, plot)
+        click.echo(f"wrote {plot}")
+
+
+def _seeds(seeds: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
+
+
 @main.command("train-demo-network")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Weights file (.safetensors).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps (default: the shipped recipe).")
