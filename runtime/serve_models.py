@@ -30,14 +30,14 @@ def parse_bundles(values: tuple[str, ...] | list[str]) -> dict[str, Path]:
     for value in values:
         name, sep, rest = value.partition("=")
         if sep and _NAME.fullmatch(name):
+            if not rest:
+                raise InputError(f"--bundle {value!r}: no path after '='")
             path = Path(rest)
         elif sep and "/" not in name and "\\" not in name:
             raise InputError(f"--bundle {value!r}: a name is letters, digits, '_', '.' or '-' (at most 64), "
                              "as in --bundle fp32=bundles/fp32")
         else:
             name, path = Path(value).name or "bundle", Path(value)
-        if not str(path):
-            raise InputError(f"--bundle {value!r}: no path after '='")
         if name in bundles:
             raise InputError(f"--bundle: the name {name!r} is given twice; name them: --bundle a=PATH --bundle b=PATH")
         bundles[name] = path

@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 from bundle_support import edit  # noqa: E402
 from serve_support import DEMO, ThreadServer  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("MASKBIT_CHROMIUM", "/usr/bin/chromium"))     # Debian's (apt-get install chromium)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # every assignment to an <img>'s src, with the image's role then: (pane, kind, src), kept on window.__srcs
@@ -58,7 +58,7 @@ def browser():
     except ImportError:
         missing.append("playwright (pip install playwright; never `playwright install`: the system browser is used)")
     if not os.access(CHROMIUM, os.X_OK):
-        missing.append(f"Debian's chromium at {CHROMIUM} (apt-get install -y chromium)")
+        missing.append(f"chromium at {CHROMIUM} (apt-get install -y chromium, or set MASKBIT_CHROMIUM)")
     if missing:
         reason = "the browser test needs " + " and ".join(missing)
         if os.environ.get("CI"):
@@ -127,8 +127,9 @@ def test_page_streams_previews_and_its_pixels_equal_the_api(page, server, tmp_pa
         .filter(e => !(e.labels && e.labels.length) && !e.textContent.trim() && !e.getAttribute('aria-label'))
         .map(e => e.id || e.outerHTML)""")
     assert unlabelled == []
+    assert page.is_hidden("#model-field") and page.is_hidden("#compare-field")        # one model: no comparison
     page.select_option("#label", label="rocket")
-    _fill(page, seed=5, count=2, num_steps=12, guidance_scale=2.0)
+    _fill(page, seed=5, count=2, num_steps=8, guidance_scale=2.0)
     page.click("#advanced summary")
     page.select_option("#mask_schedule", "cosine")
     page.click("#generate")
@@ -145,7 +146,7 @@ def test_page_streams_previews_and_its_pixels_equal_the_api(page, server, tmp_pa
     previews = [src for _, kind, src in srcs[:first_final] if kind == "preview"]
     assert len(set(previews)) >= 2, f"{len(previews)} previews before the final image"
 
-    body = {"labels": ["rocket", "rocket"], "seed": 5, "num_steps": 12, "guidance_scale": 2.0,
+    body = {"labels": ["rocket", "rocket"], "seed": 5, "num_steps": 8, "guidance_scale": 2.0,
             "mask_schedule": "cosine", "model": model}
     api = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60).json()
     shown = [_png(src) for src in page.eval_on_selector_all("img[data-kind=final]", "imgs => imgs.map(i => i.src)")]
@@ -217,6 +218,7 @@ def test_side_by_side_fills_both_panes_with_each_gate(browser, tmp_path):
         page = context.new_page()
         page.goto(f"{url}/")
         _until(page, "document.querySelector('#model-b').value === 'gated'")
+        assert page.is_visible("#model-field") and page.is_visible("#compare-field")
         _fill(page, seed=9, count=2, num_steps=8)
         page.click("#generate")
         for model in ("fp32", "gated"):
