@@ -4,17 +4,19 @@ Every generation runs here: `Pipeline.generate`, `maskbit-run sample` and the se
 iteration (`Scheduler.iterate`):
 1. drops cancelled rows and admits waiting images into free slots (FIFO), writing fully masked tokens into
    their rows on the device;
-2. runs one step over the occupied rows of each lane (one lane per step graph: guided, and unguided for images
-   with guidance 0), every row with its own label, noise and settings (step graphs of bundle format 3 take the
-   four settings per row);
+2. runs one step over the occupied rows of each lane (one lane per step graph: guided, and unguided for the steps
+   of images with guidance 0 or outside their guidance interval), every row with its own label, noise and settings
+   (step graphs of bundle format 3 take the four settings per row);
 3. retires rows that took their last step to one batched combine + decode, and decodes previews of rows that
-   asked for one at this step; then moves the last rows into the holes, so the occupied rows stay 0..n-1.
+   asked for one at this step; then moves the last rows into the holes, so the occupied rows stay 0..n-1;
+4. moves the rows whose next step runs on the other graph to the other lane (a device copy of their token state).
+   An image that will still move keeps a row reserved in the other lane, so the move always finds room.
 
 An image's tokens depend only on its own row: its label, its settings' plan and its noise stream, seeded by
 (seed, index). So an image is the same whichever other images share its steps and whenever it was admitted.
 
 Bundles of format 1-2 take the settings as scalars: a lane then admits images only while it is empty and only
-ones with equal settings, which is batch-at-a-time generation.
+ones with equal settings, which is batch-at-a-time generation (a batch that will move holds the whole other lane).
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ class Slot:
     job: ImageJob
     plan: Sequence[StepParams]
     noise: ImageNoise
+    last_step: dict[bool, int]          # per lane (guided or not), the last step the image takes there (-1: none)
+
+    def reserves(self, guided: bool) -> bool:
+        """Whether the image still has a step to take in that lane (it keeps a row reserved there)."""
+        return self.last_step[guided] >= self.job.step
 
 
 class Lane:
@@ -103,14 +110,19 @@ class Lane:
         return self.bindings[key]
 
     # -- admission ----------------------------------------------------------------------------------------------
-    def fits(self, job: ImageJob, pending: list[Slot]) -> bool:
-        """Whether `job` can join the rows this lane has and the ones admitted with it (`pending`)."""
-        if len(self.slots) + len(pending) >= self.capacity:
+    def fits(self, job: ImageJob, pending: list[Slot], reserved: int) -> bool:
+        """Whether `job` can join the rows this lane has and the ones admitted with it (`pending`), while
+        `reserved` rows are held for images of the other lane that will move here."""
+        if len(self.slots) + len(pending) + reserved >= self.capacity:
             return False
         if self.per_row:
             return True
-        # scalar settings (format 1-2): every row at the same step with the same plan
-        return all(s.job.step == 0 and s.job.settings == job.settings for s in self.slots + pending)
+        # scalar settings (format 1-2): every row at the same step with the same plan, none about to move in
+        return not reserved and all(s.job.step == 0 and s.job.settings == job.settings for s in self.slots + pending)
+
+    def can_hold(self, rows: int) -> bool:
+        """Room for `rows` images that will move in later (scalar settings: only into an empty lane)."""
+        return len(self.slots) + rows <= self.capacity and (self.per_row or not self.slots)
 
     def admit(self, slots: list[Slot]) -> None:
         start = len(self.slots)
@@ -142,6 +154,15 @@ class Lane:
         self.parity ^= 1
         for slot in self.slots:
             slot.job.step += 1
+
+    def move(self, rows: list[int], target: Lane) -> None:
+        """Hand these rows to the other lane: their token state is copied into its next rows on the device."""
+        start = len(target.slots)
+        copy_rows(self.primitives, target.state[target.parity], self.state[self.parity],
+                  [(start + i, row) for i, row in enumerate(rows)])
+        target.slots.extend(self.slots[row] for row in rows)
+        target.labels_stale = [True, True]
+        self.remove(rows)
 
     def remove(self, rows: list[int]) -> None:
         """Free these rows: the last occupied rows move into the holes (device copies of their token state; runs
@@ -181,6 +202,7 @@ class Scheduler:
         self.num_groups = manifest.dims.num_tokens * manifest.dims.num_groups
         self.noise_shape = (manifest.dims.num_tokens, manifest.dims.num_groups, 2)
         self._plans: dict[SamplingSettings, list[StepParams]] = {}
+        self._orders: dict[str, np.ndarray | None] = {}
 
     def lane(self, guided: bool) -> Lane:
         spec = STEP if guided or not self.has_unguided else STEP_UNGUIDED
@@ -192,6 +214,15 @@ class Scheduler:
 
     def lanes(self) -> list[Lane]:
         return [lane for (_, capacity), lane in self.executor.lanes.items() if capacity == self.capacity]
+
+    def _existing(self, guided: bool) -> Lane | None:
+        spec = STEP if guided or not self.has_unguided else STEP_UNGUIDED
+        return self.executor.lanes.get((spec.name, self.capacity))
+
+    def _load(self, guided: bool) -> int:
+        """Rows of a lane taken: its images and the rows reserved for images of the other lane that will move in."""
+        here, there = self._existing(guided), self._existing(not guided) if self.has_unguided else None
+        return (len(here.slots) if here else 0) + (sum(s.reserves(guided) for s in there.slots) if there else 0)
 
     @property
     def occupied(self) -> int:
@@ -222,11 +253,7 @@ class Scheduler:
             waiting = {guided: len(queue) for guided, queue in self.waiting.items()}
         for job in jobs:
             waiting[self._guided(job)] += 1
-        occupied = {guided: 0 for guided in waiting}
-        for (name, capacity), lane in self.executor.lanes.items():
-            if capacity == self.capacity:
-                occupied[name == STEP.name or not self.has_unguided] += len(lane.slots)
-        return sum(max(0, count - (self.capacity - occupied[guided])) for guided, count in waiting.items())
+        return sum(max(0, count - (self.capacity - self._load(guided))) for guided, count in waiting.items())
 
     def remaining_steps(self) -> int:
         """Steps left to take by every image in a slot or waiting for one."""
@@ -235,12 +262,21 @@ class Scheduler:
         return waiting + sum(slot.job.num_steps - slot.job.step for lane in self.lanes() for slot in lane.slots)
 
     def _guided(self, job: ImageJob) -> bool:
-        return job.settings.uses_guidance or not self.has_unguided
+        """The lane of the job's next step (the guided one for every step when the bundle has no unguided graph)."""
+        return self.plan(job.settings)[job.step].guided or not self.has_unguided
 
     def plan(self, settings: SamplingSettings) -> list[StepParams]:
         if settings not in self._plans:
             self._plans[settings] = settings.plan(self.num_groups)
         return self._plans[settings]
+
+    def _slot(self, job: ImageJob) -> Slot:
+        plan, order = self.plan(job.settings), job.settings.unmask_order
+        if order not in self._orders:
+            self._orders[order] = job.settings.order_noise(*self.noise_shape[:2])
+        last = {guided: max((i for i, p in enumerate(plan) if (p.guided or not self.has_unguided) == guided),
+                            default=-1) for guided in (True, False)}
+        return Slot(job, plan, ImageNoise(job.seed, job.index, self.noise_shape, self._orders[order]), last)
 
     # -- the iteration ------------------------------------------------------------------------------------------
     def iterate(self) -> list[ImageJob]:
@@ -256,6 +292,7 @@ class Scheduler:
                     ended += self._retire(lane)
                 except Exception as exc:  # a backend failure ends only the images it touched
                     ended += lane.fail(exc)
+            ended += self._switch_lanes()
         for job in ended:
             job.done = True
             _callback(job, job.on_done, job)
@@ -303,7 +340,7 @@ class Scheduler:
 
     def _admit(self) -> list[ImageJob]:
         """FIFO per lane: the oldest waiting images go into free slots (an image of one lane never waits for
-        room in the other)."""
+        room in the other, unless it will move there: then it waits for a row to reserve there too)."""
         ended = []
         for guided, queue in self.waiting.items():
             pending: list[Slot] = []
@@ -313,15 +350,15 @@ class Scheduler:
                     job = queue[0]
                     try:
                         lane = lane or self.lane(guided)
+                        slot = self._slot(job)
+                        if not self._room(guided, slot, pending):
+                            break
                     except Exception as exc:  # buffers that cannot be made: this image fails, the rest go on
                         job.error = exc
                         ended.append(queue.popleft())
                         continue
-                    if not lane.fits(job, pending):
-                        break
                     queue.popleft()
-                    pending.append(Slot(job, self.plan(job.settings), ImageNoise(job.seed, job.index,
-                                                                                 self.noise_shape)))
+                    pending.append(slot)
             if pending:
                 try:
                     lane.admit(pending)
@@ -329,6 +366,34 @@ class Scheduler:
                     for slot in pending:
                         slot.job.error = exc
                     ended += [slot.job for slot in pending]
+        return ended
+
+    def _room(self, guided: bool, slot: Slot, pending: list[Slot]) -> bool:
+        """Room in the image's first lane and, if it will move, a row to reserve in the other lane."""
+        there = self._existing(not guided) if self.has_unguided else None
+        reserved = sum(s.reserves(guided) for s in there.slots) if there else 0
+        if not self.lane(guided).fits(slot.job, pending, reserved):
+            return False
+        if not self.has_unguided or not slot.reserves(not guided):
+            return True
+        moving = sum(s.reserves(not guided) for s in self.lane(guided).slots + pending) + 1
+        return self.lane(not guided).can_hold(moving)
+
+    def _switch_lanes(self) -> list[ImageJob]:
+        """Move the rows whose next step runs on the other graph (reserved rows: there is always room)."""
+        ended = []
+        for guided in (True, False) if self.has_unguided else ():
+            lane = self._existing(guided)
+            rows = [r for r, s in enumerate(lane.slots) if self._guided(s.job) != guided] if lane else []
+            if rows:
+                try:
+                    lane.move(rows, self.lane(not guided))
+                except Exception as exc:  # the copy failed: these images fail, the rest go on
+                    jobs = [lane.slots[r].job for r in rows]
+                    lane.remove(rows)
+                    for job in jobs:
+                        job.error = exc
+                    ended += jobs
         return ended
 
     def _retire(self, lane: Lane) -> list[ImageJob]:
