@@ -44,6 +44,9 @@ class ReplicaApp:
         self.pipelines = {}
         for name, path in bundles.items():
             self.pipelines[name] = Pipeline.load(path, backend=backend, **load_options)
+            # One 1-step image opens every session here: a bundle that cannot run fails the constructor, whose
+            # error Ray Serve reports; a failure in the app's warm-up (lifespan) would reach only the replica log.
+            self.pipelines[name].generate([0], num_steps=1)
         self.backend, self.engine_options = backend, engine_options
         self.engines: list = []
 
