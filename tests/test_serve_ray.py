@@ -144,15 +144,14 @@ def test_a_replica_killed_under_load(two_replicas, offline):
     assert all(status in (200, "result", "cut") or (isinstance(status, int) and 500 <= status < 600)
                for status in statuses), statuses
     assert statuses.count(200) + statuses.count("result") >= REQUESTS // 2, statuses   # the survivor kept serving
-    for i, (status, images, _) in enumerate(results):
-        if status in (200, "result"):
-            np.testing.assert_array_equal(images, _expected(offline, _body(i)), err_msg=f"request {i}")
-
     deadline = killed_at + RECOVERY_BOUND_S
     while serve_ray.replica_states() != {"RUNNING": 2}:
         assert time.monotonic() < deadline, f"not recovered: {serve_ray.replica_states()}"
         time.sleep(0.5)
     print(f"two replicas running again {time.monotonic() - killed_at:.1f} s after the kill")
+    for i, (status, images, _) in enumerate(results):
+        if status in (200, "result"):
+            np.testing.assert_array_equal(images, _expected(offline, _body(i)), err_msg=f"request {i}")
     body = {"labels": [5], "seed": 7, "num_steps": 6}
     response = httpx.post(f"{url}/v1/generate", json=body, timeout=RECOVERY_BOUND_S)
     assert response.status_code == 200, response.text
