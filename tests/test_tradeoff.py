@@ -4,6 +4,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -11,13 +12,17 @@ pytest.importorskip("torch_fidelity", reason="the eval extra (torch-fidelity) is
 
 from bundle_support import edit  # noqa: E402
 from maskbit.evaluation.cli import main as eval_cli  # noqa: E402
+from maskbit.evaluation.demo import evaluate_demo  # noqa: E402
+from maskbit.evaluation.features import load_demo_features  # noqa: E402
 from maskbit.evaluation.tradeoff import (  # noqa: E402
     DEFAULT,
     METRICS,
     cheapest_within,
+    demo_scorer,
     parse_plans,
     within_spread,
 )
+from maskbit_runtime import Pipeline  # noqa: E402
 from maskbit_runtime.cli import DEMO_BUNDLE  # noqa: E402
 from maskbit_runtime.sampling import SamplingSettings  # noqa: E402
 
@@ -109,6 +114,14 @@ def test_missing_plans_file_and_one_seed_fail_in_one_line(small_bundle, tmp_path
                           (["--seeds", "1,x"], "comma-separated integers")):
         result = CliRunner().invoke(eval_cli, ["tradeoff", "--bundle", str(small_bundle), *args])
         assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_demo_scorer_scores_like_evaluate_demo(small_bundle):
+    images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    network = load_demo_features()
+    with Pipeline.load(small_bundle) as pipe:
+        whole = evaluate_demo(pipe, network, 1, 0, 8, generated=images)["generated"]
+    assert demo_scorer(network, 1, 8)(images) == whole
 
 
 def test_parse_plans_puts_the_default_first_and_applies_overrides():
