@@ -17,10 +17,13 @@ from .errors import InputError
 from .pipeline import Pipeline
 from .sampling import HELP
 from .schedules import GUIDANCE_ANNEALING, MASK_SCHEDULES
+from .unmask_order import UNMASK_ORDERS
 from .serve import MAX_PREVIEWS, Engine
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 FORMATS = ["png", "grid_png", "npz", "tokens"]
+CHOICES = {"guidance_annealing": list(GUIDANCE_ANNEALING), "mask_schedule": list(MASK_SCHEDULES),
+           "unmask_order": list(UNMASK_ORDERS)}     # the sampling settings that take one of a few words
 
 
 def parse_bundles(values: tuple[str, ...] | list[str]) -> dict[str, Path]:
@@ -109,7 +112,7 @@ def model_card(model: Model, backend: str) -> dict:
             "precision": m.components["step"].precision, "num_classes": m.num_classes,
             "classes": list(m.class_names) if m.class_names else None, "image_size": m.dims.image_size,
             "sampling": pipeline.sampling.to_dict(), "sampling_help": HELP,
-            "sampling_choices": {"guidance_annealing": list(GUIDANCE_ANNEALING), "mask_schedule": list(MASK_SCHEDULES)},
+            "sampling_choices": CHOICES,
             "formats": FORMATS, "gate": gate_summary(m),
             "limits": {"slots": engine.capacity, "max_images": engine.max_images, "max_queue": engine.max_queue,
                        "request_timeout": engine.request_timeout, "max_previews": MAX_PREVIEWS}}

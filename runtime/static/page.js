@@ -65,9 +65,11 @@ function settingField(name, value, help, choices) {
     input = document.createElement("select");
     for (const choice of choices) input.add(new Option(choice, choice));
     input.value = value;
+  } else if (typeof value === "string") {
+    input = Object.assign(document.createElement("input"), {type: "text", value: value});
   } else {
     input = Object.assign(document.createElement("input"), {type: "number", step: "any", inputMode: "decimal",
-                                                            value: value, placeholder: `default ${value}`});
+                                                            value: value ?? "", placeholder: `default ${value}`});
   }
   input.id = name;
   input.dataset.setting = name;
@@ -94,7 +96,8 @@ function requestBody(model) {
   for (const name of MAIN_SETTINGS) body[name] = number($(name));
   for (const input of $("advanced-fields").querySelectorAll("[data-setting]")) {
     const name = input.dataset.setting;
-    body[name] = input.type === "checkbox" ? input.checked : input.type === "number" ? number(input) : input.value;
+    body[name] = input.type === "checkbox" ? input.checked : input.type === "number" ? number(input)
+      : input.value === "" ? undefined : input.value;
   }
   const steps = body.num_steps ?? model.sampling.num_steps;
   body.preview_every = Math.max(1, Math.ceil(steps / model.limits.max_previews));
