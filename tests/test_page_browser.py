@@ -11,6 +11,7 @@ chromium or playwright the tests skip, except under CI (the variable CI set), wh
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -78,12 +79,19 @@ def server():
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 360, "height": 900})
+    with _page(browser, server.url) as page:
+        yield page
+
+
+@contextlib.contextmanager
+def _page(browser, url: str, width: int = 360):
+    """The page at `url`, loaded (its models read), with every <img> src assignment recorded; no JS errors."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
     context.add_init_script(RECORD_SRCS)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(f"{server.url}/")
+    page.goto(f"{url}/")
     _until(page, "document.querySelector('#advanced-fields [data-setting]') !== null")
     yield page
     context.close()
@@ -194,6 +202,19 @@ def test_bad_values_get_one_inline_sentence_and_the_page_stays_usable(page, serv
     page.click("#generate")
     _wait_done(page, page.get_attribute("[data-model]", "data-model"))
     assert page.text_content("#message") == ""
+
+
+def test_a_full_queue_is_one_sentence_with_the_retry_time(browser):
+    with ThreadServer(max_batch=1, max_queue=1) as small, _page(browser, small.url) as page:
+        body = {"labels": [0], "num_steps": 400, "stream": True}
+        with httpx.stream("POST", f"{small.url}/v1/generate", json=body, timeout=30) as first, \
+                httpx.stream("POST", f"{small.url}/v1/generate", json=body, timeout=30) as second:
+            assert first.status_code == second.status_code == 200
+            _fill(page, num_steps=4)
+            page.click("#generate")
+            message = _until(page, "document.querySelector('#message').textContent")
+        assert re.fullmatch(r"The server is busy: the queue is full \(.*\); try again in \d+ s\.", message), message
+        assert page.is_enabled("#generate") and page.text_content(".status") == "failed"
 
 
 def test_side_by_side_fills_both_panes_with_each_gate(browser, tmp_path):

@@ -113,7 +113,7 @@ async function apiError(response) {
   } catch { /* not JSON: keep the status */ }
   if (response.status === 503) {
     const after = response.headers.get("Retry-After");
-    return `The server is busy (${text}); try again in ${after || "a few"} s.`;
+    return `The server is busy: ${text}; try again in ${after || "a few"} s.`;
   }
   if (response.status === 422) return sentence(`Not accepted: ${text}`);
   if (response.status === 413) return sentence(`Too large: ${text}`);
@@ -141,6 +141,7 @@ class Pane {
       return figure;
     });
     this.finished = false;
+    this.root.setAttribute("aria-busy", "true");      // screen readers announce the status once, when it ends
   }
 
   say(text) { this.status.textContent = text; }
@@ -272,6 +273,7 @@ async function generate(event) {
   const outcomes = await Promise.allSettled(panes.map((pane, i) => run(pane, bodies[i], running[i].signal)));
   const errors = [];
   outcomes.forEach((outcome, i) => {
+    panes[i].root.setAttribute("aria-busy", "false");
     if (outcome.status === "fulfilled") return;
     const cancelled = outcome.reason?.name === "AbortError";
     panes[i].say(cancelled ? "cancelled" : "failed");
