@@ -25,11 +25,16 @@ def main():
 
 main.add_command(sample_command)
 
+plan_option = click.option("--plan", default=None, metavar="NAME",
+                           help="One of the bundle's named sampling plans as the defaults (see `info`: plans); "
+                                "sampling options still override it. Default: the bundle's own defaults.")
+
 
 @main.command()
 @bundle_option
 @click.option("--labels", required=True,
               help='Comma-separated class indices or names, one image each: "1,7,282" or "goldfish,tiger cat".')
+@plan_option
 @sampling_options
 @click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=0, show_default=True, help="Noise seed.")
 @batch_option
@@ -37,13 +42,14 @@ main.add_command(sample_command)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("maskbit_samples.png"), show_default=True,
               help="A .png file gets one grid; a directory gets one PNG per image.")
 @one_line_errors
-def generate(bundle, labels, seed, batch_size, backend, out, **sampling):
+def generate(bundle, labels, plan, seed, batch_size, backend, out, **sampling):
     """Generate one image per label."""
     from tqdm import tqdm
 
     from .images import save_images
     from .labels import label_name, parse_labels
     with open_pipeline(bundle, backend) as pipe:
+        pipe.use_plan(plan)
         label_ids = parse_labels(labels.split(","), pipe.num_classes, pipe.class_names)
         settings = pipe.sampling.with_overrides(**sampling)
         chunk = min(batch_size or pipe.manifest.max_batch(STEP.name), pipe.manifest.max_batch(STEP.name))
@@ -166,6 +172,7 @@ def _save_npy(array: np.ndarray, out: Path) -> None:
               help="Bundle directory (default: the demo bundle). Repeat it to serve several side by side, each "
                    "named (--bundle fp32=B1 --bundle int8=B2; a plain PATH is named after its folder): requests "
                    "pick one with `model`, the page compares two.")
+@plan_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
@@ -204,8 +211,8 @@ def _save_npy(array: np.ndarray, out: Path) -> None:
                    "(at least 1).")
 @backend_option
 @one_line_errors
-def serve(bundles, host, port, max_batch, max_queue, max_images, request_timeout, grace, policy, batch_wait, admission,
-          log_level, ray_address, replicas, gpus_per_replica, cpus_per_replica, backend):
+def serve(bundles, plan, host, port, max_batch, max_queue, max_images, request_timeout, grace, policy, batch_wait,
+          admission, log_level, ray_address, replicas, gpus_per_replica, cpus_per_replica, backend):
     """Serve the bundle over HTTP: POST /v1/generate (JSON or Server-Sent Events), /v1/models, /healthz, /readyz,
     /metrics, /docs. Images of all requests share steps (step-level batching) and equal `generate`'s byte for byte.
     Needs the extra [serve]; --ray-serve also [distributed]."""
@@ -219,7 +226,8 @@ def serve(bundles, host, port, max_batch, max_queue, max_images, request_timeout
         path = next(iter(named.values()), DEMO_BUNDLE)
         serve_on_ray(path, ray_address, host, port, replicas=replicas, backend=backend,
                      gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, grace=grace,
-                     log_level=log_level, load_options=native_code_trust(), max_batch=max_batch, max_queue=max_queue,
+                     log_level=log_level, load_options={**native_code_trust(), "plan": plan}, max_batch=max_batch,
+                     max_queue=max_queue,
                      max_images=max_images, request_timeout=request_timeout, policy=policy, batch_wait=batch_wait,
                      admission=admission, on_ready=lambda url: click.echo(
                          f"serving {replicas} replica(s) on Ray Serve at {url} (Ctrl-C or SIGTERM stops)"))
@@ -227,7 +235,7 @@ def serve(bundles, host, port, max_batch, max_queue, max_images, request_timeout
     from .serve_app import serve as run_server
     with contextlib.ExitStack() as stack:     # one bundle is served as one Pipeline, several as {name: Pipeline}
         named = named or {"": None}                                      # none: the demo bundle
-        pipes = {name: stack.enter_context(open_pipeline(path, backend)) for name, path in named.items()}
+        pipes = {name: stack.enter_context(open_pipeline(path, backend)).use_plan(plan) for name, path in named.items()}
         served = pipes if len(pipes) > 1 else pipes.popitem()[1]
         run_server(served, host=host, port=port, backend=backend, grace=grace, log_level=log_level,
                    max_batch=max_batch, max_queue=max_queue, max_images=max_images, request_timeout=request_timeout,

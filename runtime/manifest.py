@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MaskbitError
+from .errors import InputError, MaskbitError
 from .files import atomic_write_json
 from .sampling import SamplingError, SamplingSettings
 from .specs import BATCH, STEP, ComponentSpec, Dims, components_for
@@ -39,6 +39,8 @@ FILE_KINDS = ("file", "data_file", "engine", "package")
 PACKAGE_RECORD = ("package_precision", "package_device", "torch_version")   # required with an AOTInductor package
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PLAN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+MAX_PLANS = 64
 
 
 class BundleError(MaskbitError, ValueError):
@@ -108,6 +110,7 @@ class Manifest:
     num_classes: int | None = None
     class_names: tuple[str, ...] | None = None
     sampling: SamplingSettings | None = None
+    plans: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)   # named overrides of `sampling`
     provenance: Mapping[str, Any] = field(default_factory=dict)
     verification: Mapping[str, Any] = field(default_factory=lambda: {"performed": False})
     complete: bool = True                     # False while a build is still writing and verifying it
@@ -129,6 +132,22 @@ class Manifest:
         """The tensors of a component as this bundle's format declares them."""
         self.component(component)
         return components_for(self.format_version)[component]
+
+    def plan(self, name: str | None = None) -> SamplingSettings:
+        """The sampling settings of a named plan (its overrides applied to the defaults); None: the defaults."""
+        if self.sampling is None:
+            raise BundleError(f"bundle {self.root} has no generator (it was built from a tokenizer alone)")
+        if name is None:
+            return self.sampling
+        if name not in self.plans:
+            raise InputError(f"bundle {self.root} has no plan {name!r:.80}; its plans: "
+                             f"{', '.join(sorted(self.plans)) or 'none'}")
+        return self.sampling.with_overrides(**self.plans[name])
+
+    def with_plan(self, name: str, overrides: Mapping[str, Any]) -> Manifest:
+        """A copy that records (or replaces) the named plan, checked as `load` checks it; `write` stores it."""
+        plans = check_plans({**self.plans, name: dict(overrides)}, self.sampling, str(self.root / MANIFEST))
+        return self.replace(plans=plans)
 
     def max_batch(self, component: str) -> int:
         return self.component(component).batch_profile.max
@@ -172,6 +191,8 @@ class Manifest:
         del data["root"]
         data["sampling"] = self.sampling.to_dict() if self.sampling else None
         data["class_names"] = list(self.class_names) if self.class_names else None
+        if not self.plans:
+            del data["plans"]
         for entry in data["components"].values():
             for key in [k for k, v in entry.items() if v is None]:
                 del entry[key]
@@ -270,6 +291,7 @@ def parse(data: Any, root: Path) -> Manifest:
         dims=dims, num_bits=num_bits, codebook_size=codebook, tokenizer_lookup_free=lookup_free,
         components=components, opset=top.get("opset", int, low=7, high=100), num_classes=num_classes,
         class_names=check_class_names(top.get("class_names", list, None), num_classes, where), sampling=sampling,
+        plans=check_plans(top.get("plans", dict, {}), sampling, where),
         provenance=top.get("provenance", dict, {}), verification=top.get("verification", dict, {}),
         complete=top.get("complete", bool, True), format_version=version, root=root)
     _cross_check(manifest, where)
@@ -342,6 +364,27 @@ def check_class_names(names: list | None, num_classes: int | None, where: str) -
             raise BundleError(f"{where}: class name {name!r:.60} must be printable text of 1-{MAX_CLASS_NAME} "
                               f"characters, without / or \\ and not only dots")
     return tuple(names)
+
+
+def check_plans(plans: dict, sampling: SamplingSettings | None, where: str) -> dict[str, dict[str, Any]]:
+    """Named plans: each an object of sampling settings that, applied to the defaults, make valid settings."""
+    if len(plans) > MAX_PLANS:
+        raise BundleError(f"{where}: {len(plans)} plans; at most {MAX_PLANS}")
+    if plans and sampling is None:
+        raise BundleError(f"{where}: plans need sampling settings (a generator bundle)")
+    for name, overrides in plans.items():
+        if not isinstance(name, str) or not _PLAN_NAME.match(name):
+            raise BundleError(f"{where}: plan name {name!r:.60} must be 1-64 letters, digits, '_', '.' or '-'")
+        if not isinstance(overrides, dict):
+            raise BundleError(f"{where}: plan {name} must be an object of sampling settings, got {overrides!r:.60}")
+        unknown = sorted(set(overrides) - set(SamplingSettings.fields()))
+        try:
+            if unknown:
+                raise SamplingError(f"unknown sampling setting(s) {', '.join(map(str, unknown))}")
+            SamplingSettings(**{**sampling.to_dict(), **overrides})
+        except SamplingError as exc:
+            raise BundleError(f"{where}: plan {name}: {exc}"[:300]) from None
+    return {name: dict(overrides) for name, overrides in plans.items()}
 
 
 def _cross_check(m: Manifest, where: str) -> None:

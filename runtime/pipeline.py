@@ -23,16 +23,30 @@ from .specs import DECODER, ENCODER, STEP
 class Pipeline:
     """`Pipeline.load(bundle).generate(labels=[1, 7], seed=0)` -> GenerationOutput (.images uint8, .tokens int64)."""
 
-    def __init__(self, manifest: Manifest, backend: Executor):
+    def __init__(self, manifest: Manifest, backend: Executor, plan: str | None = None):
         self.manifest = manifest
         self.backend = backend
         self.last_transfers: Transfers | None = None      # copies and host syncs of the last `generate` call
+        self.plan: str | None = None
+        self.use_plan(plan)
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "ort", allow_incomplete: bool = False, **options) -> Pipeline:
-        """Open a bundle; each component file is hash-checked when the backend first opens it."""
+    def load(cls, path: str | Path, backend: str = "ort", allow_incomplete: bool = False, plan: str | None = None,
+             **options) -> Pipeline:
+        """Open a bundle; each component file is hash-checked when the backend first opens it. `plan` names one
+        of the bundle's sampling plans to use as the defaults (None: the bundle's own defaults)."""
         manifest = Manifest.load(path, allow_incomplete=allow_incomplete)
-        return cls(manifest, open_backend(backend, manifest, **options))
+        if plan is not None:
+            manifest.plan(plan)               # an unknown plan fails before the backend opens
+        return cls(manifest, open_backend(backend, manifest, **options), plan)
+
+    def use_plan(self, name: str | None) -> Pipeline:
+        """Make the bundle's named sampling plan the defaults of `generate` (and of a server over this pipeline);
+        None: the bundle's own defaults. An unknown name fails with the names the bundle has."""
+        if name is not None:
+            self.manifest.plan(name)
+        self.plan = name
+        return self
 
     @property
     def num_classes(self) -> int | None:
@@ -44,10 +58,8 @@ class Pipeline:
 
     @property
     def sampling(self) -> SamplingSettings:
-        """The bundle's sampling defaults."""
-        if self.manifest.sampling is None:
-            raise BundleError(f"bundle {self.manifest.root} has no generator (it was built from a tokenizer alone)")
-        return self.manifest.sampling
+        """The bundle's sampling defaults, or those of the plan in use (`use_plan`)."""
+        return self.manifest.plan(self.plan)
 
     def generate(self, labels: Sequence[int], num_steps: int | None = None, guidance_scale: float | None = None,
                  seed: int = 0, batch_size: int | None = None, on_step: Callable[[int], None] | None = None,
@@ -131,6 +143,7 @@ class Pipeline:
                 "components": {k: {"file": v.file, "precision": v.precision, "batch_profile": vars(v.batch_profile),
                                    **({"engine": v.engine} if v.engine else {})} for k, v in m.components.items()},
                 "num_classes": self.num_classes, "sampling": m.sampling.to_dict() if m.sampling else None,
+                "plans": dict(m.plans), "plan": self.plan,
                 "provenance": dict(m.provenance), "runtime": self.backend.describe(), "machine": cpu_info()}
         if count_transfers and m.has_generator:
             info["per_generation"] = self.transfer_counts()
