@@ -2,20 +2,28 @@
 order and the interval give equal tokens eager and exported, an image that switches lanes equals its offline
 generation whatever shares its steps, and bad plans fail in one line."""
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
+from PIL import Image
 
 import maskbit
 from maskbit.step import gumbel
 from maskbit_export import ExportOptions, build_bundle
-from maskbit_runtime import InputError, Pipeline
+from maskbit_runtime import BundleError, InputError, Pipeline
+from maskbit_runtime.cli import main as run_cli
+from maskbit_runtime.manifest import Manifest
 from maskbit_runtime.noise import StepNoise
 from maskbit_runtime.sampling import SamplingError, SamplingSettings
 from maskbit_runtime.scheduler import ImageJob, Scheduler
 from maskbit_runtime.specs import STEP, STEP_UNGUIDED
 from maskbit_runtime.unmask_order import halton_ranks, order_noise_scale, order_uniforms
+
+from bundle_support import edit
 
 PRESETS = ["tiny_lfq10", "tiny_lfq9_g3"]          # two and three groups per token
 INTERVAL = dict(num_steps=8, guidance_scale=3.0, guidance_start=0.25, guidance_stop=0.75)
@@ -222,3 +230,67 @@ def test_bad_plans_fail_in_one_line(overrides, words):
         SamplingSettings().with_overrides(**overrides)
     assert words in str(error.value) and "\n" not in str(error.value)
     assert isinstance(error.value, InputError)
+
+
+FAST = {"num_steps": 4, "guidance_start": 0.25, "unmask_order": "halton"}
+
+
+def _with_plans(root, plans):
+    edit(root, lambda data: data.update(plans=plans))
+    return root
+
+
+def test_a_bundle_records_named_plans_and_generate_picks_one(bundles, tmp_path):
+    import shutil
+    root = _with_plans(Path(shutil.copytree(bundles["tiny_lfq10"][0], tmp_path / "b")), {"fast": FAST})
+    manifest = Manifest.load(root)
+    assert manifest.plan("fast") == manifest.sampling.with_overrides(**FAST) and manifest.plan() == manifest.sampling
+    with Pipeline.load(root, plan="fast") as pipe:
+        assert pipe.sampling.num_steps == 4 and pipe.sampling.unmask_order == "halton"
+        planned = pipe.generate([1, 2], seed=3).tokens
+        np.testing.assert_array_equal(planned, pipe.use_plan(None).generate([1, 2], seed=3, **FAST).tokens)
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(run_cli, ["generate", "--bundle", str(root), "--labels", "1,2", "--plan", "fast",
+                                          "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with Pipeline.load(root) as pipe:
+        assert np.array_equal(np.asarray(Image.open(out)), _grid(pipe.generate([1, 2], seed=0, **FAST).images))
+    recorded = manifest.with_plan("slow", {"num_steps": 12})
+    recorded.write()
+    assert Manifest.load(root).plans == {"fast": FAST, "slow": {"num_steps": 12}}
+
+
+def _grid(images):
+    from maskbit_runtime.images import save_images
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        save_images(images, Path(folder) / "g.png")
+        return np.asarray(Image.open(Path(folder) / "g.png"))
+
+
+def test_an_unknown_plan_name_fails_in_one_line_listing_the_names(bundles, tmp_path):
+    import shutil
+    root = _with_plans(Path(shutil.copytree(bundles["tiny_lfq10"][0], tmp_path / "b")), {"fast": FAST, "a": {}})
+    with pytest.raises(InputError, match=r"has no plan 'quick'; its plans: a, fast$"):
+        Pipeline.load(root, plan="quick")
+    result = CliRunner().invoke(run_cli, ["generate", "--bundle", str(root), "--labels", "1", "--plan", "quick"])
+    assert result.exit_code == 1 and result.output.strip().endswith("has no plan 'quick'; its plans: a, fast")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("plans, words", [
+    ({"fast": {"guidance_start": 0.9, "num_steps": 4}}, "plan fast: the guidance interval [0.9, 1) holds none"),
+    ({"fast": {"unmask_order": "spiral"}}, "plan fast: unmask_order 'spiral' is not one of confidence, halton"),
+    ({"fast": {"speed": 2}}, "plan fast: unknown sampling setting(s) speed"),
+    ({"fast": {"guidance_stop": None}}, "plan fast: guidance_stop must be a number, got None"),
+    ({"fast": ["num_steps", 4]}, "plan fast must be an object of sampling settings"),
+    ({"../x": {}}, "plan name '../x' must be 1-64 letters"),
+    ([{"num_steps": 4}], "plans must be dict"),
+    ({f"p{i}": {} for i in range(65)}, "65 plans; at most 64"),
+])
+def test_bad_plans_in_a_manifest_fail_in_one_line(bundles, tmp_path, plans, words):
+    import shutil
+    root = _with_plans(Path(shutil.copytree(bundles["tiny_lfq10"][0], tmp_path / "b")), plans)
+    with pytest.raises(BundleError) as error:
+        Manifest.load(root)
+    assert words in str(error.value) and "\n" not in str(error.value)
