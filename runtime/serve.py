@@ -181,6 +181,11 @@ class Engine:
             self._thread.join(timeout=60)
         self.ready = False
 
+    @property
+    def alive(self) -> bool:
+        """Started and its loop thread running (a health check's question)."""
+        return self.ready and self._thread is not None and self._thread.is_alive()
+
     # -- requests -----------------------------------------------------------------------------------------------
     @property
     def in_flight(self) -> int:

@@ -63,8 +63,7 @@ class ReplicaApp:
         """Ray Serve's health check: every engine started and its loop thread alive (a failure restarts the
         replica)."""
         for engine in self.engines or [None]:
-            thread = getattr(engine, "_thread", None)   # Engine has no public liveness flag; its loop thread is it
-            if engine is None or not engine.ready or thread is None or not thread.is_alive():
+            if engine is None or not engine.alive:
                 raise RuntimeError("the serving engine is not running")
 
     def pid(self) -> int:

@@ -98,3 +98,20 @@ def test_admission_order(pipe, admission, first):
 def test_unknown_admission_fails_in_one_line(pipe):
     with pytest.raises(Exception, match="admission 'random' is not one of fifo, shortest"):
         Engine(pipe, admission="random")
+
+
+def test_alive_is_what_the_ray_health_check_asks(pipe):
+    """`Engine.alive` (started, loop thread running) is what a Ray Serve replica's health check reports."""
+    from maskbit_runtime.serve_ray import ReplicaApp
+    replica = ReplicaApp.__new__(ReplicaApp)
+    replica.engines = [Engine(pipe)]
+    assert not replica.engines[0].alive
+    with pytest.raises(RuntimeError, match="not running"):
+        replica.check_health()
+    replica.engines[0].start()
+    assert replica.engines[0].alive
+    replica.check_health()
+    replica.engines[0].stop()
+    assert not replica.engines[0].alive
+    with pytest.raises(RuntimeError, match="not running"):
+        replica.check_health()
