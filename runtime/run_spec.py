@@ -77,7 +77,7 @@ class RunSpec:
         the backend was recorded keep their run id (and resume)."""
         backend = {} if self.backend == "ort" else {"backend": self.backend}
         return {"bundle": self.bundle, "seed": self.seed, "plan": self.plan, "num_images": self.num_images,
-                "sampling": self.sampling.to_dict(), "chunk_size": self.chunk_size,
+                "sampling": self.sampling.identity(), "chunk_size": self.chunk_size,
                 "image_shape": list(self.image_shape), "token_shape": list(self.token_shape), **backend}
 
     @cached_property

@@ -40,6 +40,9 @@ HELP = {   # one line per field, for the command lines' options
 }
 
 
+ADDED_LATER = ("guidance_start", "guidance_stop", "unmask_order")     # the sampling plans' fields
+
+
 class SamplingError(InputError):
     """A sampling setting of the wrong type or out of range."""
 
@@ -96,6 +99,12 @@ class SamplingSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """`to_dict` less the fields added later (`ADDED_LATER`) while they hold their defaults: ids derived from
+        settings (a sample run's `run_id`) stay those of runs recorded before those fields existed."""
+        defaults = SamplingSettings()
+        return {k: v for k, v in self.to_dict().items() if k not in ADDED_LATER or v != getattr(defaults, k)}
 
     def with_overrides(self, **overrides) -> SamplingSettings:
         """A copy with the given fields replaced; None means "keep" (an unset CLI option or keyword)."""

@@ -294,3 +294,13 @@ def test_bad_plans_in_a_manifest_fail_in_one_line(bundles, tmp_path, plans, word
     with pytest.raises(BundleError) as error:
         Manifest.load(root)
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_sample_run_ids_of_runs_made_before_the_plan_settings_are_kept():
+    """A sample run's id hashes its settings' identity: without the plan fields while they hold their defaults (a
+    run folder made before they existed still resumes), with them when a plan changes them."""
+    before = {"num_steps", "guidance_scale", "guidance_annealing", "scale_pow", "softmax_temperature",
+              "randomize_temperature", "mask_schedule", "use_sampling_annealing"}
+    assert set(SamplingSettings().identity()) == before
+    planned = SamplingSettings(guidance_stop=0.5, unmask_order="halton").identity()
+    assert set(planned) == before | {"guidance_stop", "unmask_order"}
