@@ -304,3 +304,36 @@ def test_sample_run_ids_of_runs_made_before_the_plan_settings_are_kept():
     assert set(SamplingSettings().identity()) == before
     planned = SamplingSettings(guidance_stop=0.5, unmask_order="halton").identity()
     assert set(planned) == before | {"guidance_stop", "unmask_order"}
+
+
+def test_a_server_on_a_plan_serves_the_offline_images(bundle):
+    """The demo bundle served with a recorded plan (--plan): concurrent requests, some switching lanes, some on the
+    plan's defaults, equal the offline images of the same plan byte for byte."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    import asyncio
+
+    from serve_support import ThreadServer
+    _with_plans(bundle, {"fast": {"num_steps": 6, "guidance_start": 0.5, "unmask_order": "halton"}})
+    bodies = [{"labels": [1, 2], "seed": 3}, {"labels": [4], "guidance_scale": 0.0},
+              {"labels": [5, 6], "seed": 1, "num_steps": 5, "unmask_order": "confidence", "guidance_stop": 0.9},
+              {"labels": [0], "first_index": 2}]
+
+    async def send_all(url):
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/generate", json={**b, "format": "tokens"})
+                                          for b in bodies))
+
+    with ThreadServer(bundles={"demo": bundle}, max_batch=3, request_timeout=60) as server:
+        server.pipe.use_plan("fast")
+        responses = asyncio.run(send_all(server.url))
+    with Pipeline.load(bundle, plan="fast") as offline:
+        for body, response in zip(bodies, responses):
+            assert response.status_code == 200, response.text
+            settings = {k: v for k, v in body.items() if k not in ("labels", "seed", "first_index")}
+            expected = offline.generate(body["labels"], seed=body.get("seed", 0),
+                                        first_index=body.get("first_index", 0), **settings).tokens
+            answer = response.json()
+            assert answer["settings"] == offline.sampling.with_overrides(**settings).to_dict()
+            np.testing.assert_array_equal(np.array([item["tokens"] for item in answer["images"]]), expected)
