@@ -217,7 +217,8 @@ class Scheduler:
         """FIFO per lane: the oldest waiting images go into free slots (an image of one lane never waits for
         room in the other, unless it will move there: then it waits for a row to reserve there too)."""
         ended = []
-        for guided, queue in self.waiting.items():
+        for guided in self._admission_order():
+            queue = self.waiting[guided]
             pending: list[Slot] = []
             lane = None
             with self.lock:
@@ -253,6 +254,16 @@ class Scheduler:
             return True
         moving = sum(s.reserves(not guided) for s in self.lane(guided).slots + pending) + 1
         return self.lane(not guided).can_hold(moving)
+
+    def _admission_order(self) -> list[bool]:
+        """The lanes' queues in the order they take free rows: first one whose first image will move to the other
+        lane, so the row it must reserve there is not taken by images that came later (under a steady stream of
+        those it would wait forever)."""
+        with self.lock:
+            heads = {guided: queue[0] for guided, queue in self.waiting.items() if queue}
+        moving = [guided for guided, job in heads.items()
+                  if self.has_unguided and any(p.guided != guided for p in self.plan(job.settings))]
+        return moving + [guided for guided in self.waiting if guided not in moving]
 
     def _switch_lanes(self) -> list[ImageJob]:
         """Move the rows whose next step runs on the other graph (reserved rows: there is always room)."""

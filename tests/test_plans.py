@@ -208,8 +208,8 @@ def test_scalar_settings_bundles_switch_lanes_batch_at_a_time(bundles, tmp_path)
         jobs = [ImageJob(1, 0, 0, old.sampling.with_overrides(**INTERVAL)),
                 ImageJob(2, 0, 1, old.sampling.with_overrides(num_steps=3))]
         scheduler.submit(jobs)
-        scheduler.iterate()   # the interval image starts unguided but waits: it will need the whole guided lane
-        assert [s.job for s in scheduler.lane(True).slots] == jobs[1:] and jobs[0] in scheduler.waiting[False]
+        scheduler.iterate()   # the interval image starts unguided and holds the whole guided lane, where it moves
+        assert [s.job for s in scheduler.lane(False).slots] == jobs[:1] and jobs[1] in scheduler.waiting[True]
         while not all(job.done for job in jobs):
             scheduler.iterate()
         for job in jobs:
@@ -337,3 +337,24 @@ def test_a_server_on_a_plan_serves_the_offline_images(bundle):
             answer = response.json()
             assert answer["settings"] == offline.sampling.with_overrides(**settings).to_dict()
             np.testing.assert_array_equal(np.array([item["tokens"] for item in answer["images"]]), expected)
+
+
+def test_an_image_waiting_for_a_reserved_row_is_not_passed_by_later_ones(bundles):
+    """An image that starts unguided and will move to the guided lane waits for a guided row to reserve; under a
+    steady stream of guided images the rows freed there go to it first (the guided lane admits nobody meanwhile)."""
+    with Pipeline.load(bundles["tiny_lfq10"][0]) as pipe:
+        scheduler = Scheduler(pipe.backend, capacity=2)
+        guided = lambda i: ImageJob(1, 0, i, pipe.sampling.with_overrides(num_steps=3))
+        switching = ImageJob(2, 0, 0, pipe.sampling.with_overrides(num_steps=4, guidance_start=0.5))
+        stream = [guided(i) for i in range(30)]
+        scheduler.submit(stream[:2])
+        scheduler.iterate()
+        scheduler.submit([switching])
+        for i in range(2, 30):
+            scheduler.submit([stream[i]])
+            scheduler.iterate()
+            if switching.done:
+                break
+        assert switching.done and switching.error is None and i < 12
+        expected = pipe.generate([2], seed=0, num_steps=4, guidance_start=0.5).tokens[0]
+        np.testing.assert_array_equal(switching.tokens, expected)
