@@ -22,6 +22,7 @@ ones with equal settings, which is batch-at-a-time generation (a batch that will
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class ImageJob:
     error: BaseException | None = None
     cancelled: bool = False
     done: bool = False
+    arrival: int = 0                           # set by `submit`: the order images came in
 
     @property
     def num_steps(self) -> int:
@@ -78,6 +80,7 @@ class Scheduler:
         self.noise_shape = (manifest.dims.num_tokens, manifest.dims.num_groups, 2)
         self._plans: dict[SamplingSettings, list[StepParams]] = {}
         self._orders: dict[str, np.ndarray | None] = {}
+        self._arrivals = itertools.count()
 
     def lane(self, guided: bool) -> Lane:
         spec = STEP if guided or not self.has_unguided else STEP_UNGUIDED
@@ -113,6 +116,7 @@ class Scheduler:
     def submit(self, jobs: Sequence[ImageJob]) -> None:
         with self.lock:
             for job in jobs:
+                job.arrival = next(self._arrivals)
                 self.waiting[self._guided(job)].append(job)
 
     def cancel(self, job: ImageJob) -> None:
@@ -256,14 +260,12 @@ class Scheduler:
         return self.lane(not guided).can_hold(moving)
 
     def _admission_order(self) -> list[bool]:
-        """The lanes' queues in the order they take free rows: first one whose first image will move to the other
-        lane, so the row it must reserve there is not taken by images that came later (under a steady stream of
-        those it would wait forever)."""
+        """The lanes' queues in the order they take free rows: the one whose first image came first goes first, so
+        an image that will move to the other lane is not passed there by images that came later (it reserves a row
+        there; under a steady stream of those it would wait forever)."""
         with self.lock:
-            heads = {guided: queue[0] for guided, queue in self.waiting.items() if queue}
-        moving = [guided for guided, job in heads.items()
-                  if self.has_unguided and any(p.guided != guided for p in self.plan(job.settings))]
-        return moving + [guided for guided in self.waiting if guided not in moving]
+            first = {guided: queue[0].arrival if queue else -1 for guided, queue in self.waiting.items()}
+        return sorted(self.waiting, key=first.get)
 
     def _switch_lanes(self) -> list[ImageJob]:
         """Move the rows whose next step runs on the other graph (reserved rows: there is always room)."""
