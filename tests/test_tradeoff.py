@@ -4,7 +4,6 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -12,24 +11,21 @@ pytest.importorskip("torch_fidelity", reason="the eval extra (torch-fidelity) is
 
 from bundle_support import edit  # noqa: E402
 from maskbit.evaluation.cli import main as eval_cli  # noqa: E402
-from maskbit.evaluation.demo import evaluate_demo  # noqa: E402
-from maskbit.evaluation.features import load_demo_features  # noqa: E402
 from maskbit.evaluation.tradeoff import (  # noqa: E402
     DEFAULT,
     METRICS,
     cheapest_within,
-    demo_scorer,
     parse_plans,
     within_spread,
 )
-from maskbit_runtime import Pipeline  # noqa: E402
 from maskbit_runtime.cli import DEMO_BUNDLE  # noqa: E402
 from maskbit_runtime.sampling import SamplingSettings  # noqa: E402
 
 # the demo's defaults (guidance 1: every step runs the guided graph, two passes) cut to 4 steps
-PLANS = {"short": {"num_steps": 2}, "late_guidance": {"guidance_start": 0.5}}
-EXPECTED_PASSES = {DEFAULT: 2 * 4, "short": 2 * 2, "late_guidance": 2 + 2 * 2}
-SEEDS = [0, 1]
+# "again" repeats the default's settings: its seed-0 set is scored by demo_scorer, the default's by evaluate_demo
+PLANS = {"short": {"num_steps": 2}, "late_guidance": {"guidance_start": 0.5}, "again": {"num_steps": 4}}
+EXPECTED_PASSES = {DEFAULT: 2 * 4, "short": 2 * 2, "late_guidance": 2 + 2 * 2, "again": 2 * 4}
+SEEDS = [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +37,34 @@ def small_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(small_bundle, tmp_path_factory):
+    """The command's final report, its PNG, its output, and every report it wrote (partials first)."""
+    import maskbit.evaluation.cli as cli
     folder = tmp_path_factory.mktemp("out")
     (folder / "plans.json").write_text(json.dumps(PLANS))
     args = ["tradeoff", "--bundle", str(small_bundle), "--plans", str(folder / "plans.json"), "--per-class", "1",
             "--seeds", ",".join(map(str, SEEDS)), "--reference-per-class", "8", "--out", str(folder / "r.json"),
             "--plot", str(folder / "front.png")]
-    result = CliRunner().invoke(eval_cli, args)
+    written, write = [], cli._write_json
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "_write_json", lambda data, out: (written.append(json.loads(json.dumps(data))),
+                                                             write(data, out)))
+        result = CliRunner().invoke(eval_cli, args)
     assert result.exit_code == 0, result.output
-    return json.loads((folder / "r.json").read_text()), (folder / "front.png").read_bytes(), result.output
+    final = json.loads((folder / "r.json").read_text())
+    return final, (folder / "front.png").read_bytes(), result.output, written
 
 
 def test_report_has_every_plan_seed_and_metric(report):
-    data, png, output = report
+    data, png, output, _ = report
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert list(data["plans"]) == [DEFAULT, *PLANS]
-    assert data["images_per_seed"] == 8 and data["seeds"] == SEEDS
+    assert data["images_per_seed"] == 8 and data["seeds"] == SEEDS and data["complete"]
     assert data["machine"]["isa"] is not None and len(data["machine"]["load_average"]) == 3
     assert data["within_rule"] and data["marked"] in data["plans"]
     assert data["reconstructed"]["fid"] >= 0 and data["real"]["class_accuracy"] >= 0.9
     for name, entry in data["plans"].items():
         assert entry["sampling"] == SamplingSettings.from_dict(entry["sampling"]).to_dict()
-        assert entry["overrides"] == ({} if name == DEFAULT else PLANS[name]), name
+        assert entry["overrides"] == ({} if name in (DEFAULT, "again") else PLANS[name]), name
         assert sorted(entry["per_seed"]) == [str(s) for s in SEEDS]
         for seed_report in entry["per_seed"].values():
             assert seed_report["seconds_per_image"] > 0
@@ -80,6 +83,16 @@ def test_passes_follow_the_settings(report):
     plans = report[0]["plans"]
     assert {name: entry["transformer_passes_per_image"] for name, entry in plans.items()} == EXPECTED_PASSES
     assert plans["short"]["passes_saved_vs_default"] == pytest.approx(2)
+    # the plans were generated with their own settings: other images, other scores, on every seed
+    for seed in map(str, SEEDS):
+        assert plans["short"]["per_seed"][seed]["fid"] != plans[DEFAULT]["per_seed"][seed]["fid"]
+
+
+def test_demo_scorer_scores_like_evaluate_demo(report):
+    plans = report[0]["plans"]
+    default, again = (dict(plans[name]["per_seed"]["0"]) for name in (DEFAULT, "again"))
+    del default["seconds_per_image"], again["seconds_per_image"]
+    assert again == default
 
 
 @pytest.mark.parametrize("content, message", [
@@ -116,12 +129,13 @@ def test_missing_plans_file_and_one_seed_fail_in_one_line(small_bundle, tmp_path
         assert result.exit_code != 0 and message in result.output, result.output
 
 
-def test_demo_scorer_scores_like_evaluate_demo(small_bundle):
-    images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
-    network = load_demo_features()
-    with Pipeline.load(small_bundle) as pipe:
-        whole = evaluate_demo(pipe, network, 1, 0, 8, generated=images)["generated"]
-    assert demo_scorer(network, 1, 8)(images) == whole
+def test_a_report_after_each_seed_round_but_the_last(report):
+    final, _, _, written = report
+    assert len(written) == 2 and written[-1] == final
+    partial = written[0]
+    assert partial["seeds"] == SEEDS[:2] and not partial["complete"] and partial["seeds_planned"] == SEEDS
+    for name, entry in partial["plans"].items():
+        assert entry["per_seed"] == {str(s): final["plans"][name]["per_seed"][str(s)] for s in SEEDS[:2]}
 
 
 def test_parse_plans_puts_the_default_first_and_applies_overrides():

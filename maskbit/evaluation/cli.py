@@ -194,7 +194,8 @@ def compare(bundle_a, bundle_b, per_class, seeds, features, inception_weights, b
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds (at least 2).")
 @click.option("--reference-per-class", type=click.IntRange(min=1), default=64, show_default=True,
               help="Held-out real crops per class in the reference set.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write the report as JSON (also after each seed round from the second: complete=false).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Write the front as PNG: passes per image against FID and recall (needs matplotlib).")
 @one_line_errors
@@ -216,7 +217,8 @@ def tradeoff(bundle, plans_file, per_class, seeds, reference_per_class, out, plo
         plans = read_plans(plans_file, pipe.sampling) if plans_file else parse_plans({DEFAULT: {}}, pipe.sampling)
         total = len(plans) * len(seed_list) * per_class * (pipe.num_classes or 0)
         with _progress(total, f"{len(plans)} plans x {len(seed_list)} seeds") as progress:
-            report = measure_tradeoff(pipe, network, plans, per_class, seed_list, reference_per_class, progress)
+            report = measure_tradeoff(pipe, network, plans, per_class, seed_list, reference_per_class, progress,
+                                      on_partial=lambda partial: _write_json(partial, out))
     for name, entry in report["plans"].items():
         metrics = entry["metrics"]
         click.echo(f"{name}: {entry['transformer_passes_per_image']} passes/image, "

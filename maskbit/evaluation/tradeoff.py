@@ -166,9 +166,12 @@ def _flatten(generated: dict) -> dict:
 
 def measure_tradeoff(pipe, network, plans: Mapping[str, SamplingSettings], per_class: int = 16,
                      seeds: Sequence[int] = (0, 1, 2), reference_per_class: int = 64,
-                     progress: Callable[[int], None] | None = None) -> dict:
+                     progress: Callable[[int], None] | None = None,
+                     on_partial: Callable[[dict], None] | None = None) -> dict:
     """Cost and quality of every plan on a demo bundle (see the module docstring); `progress(n)` after every n
-    images generated. `plans` must hold DEFAULT (the bundle's settings), as `parse_plans` returns."""
+    images generated; `on_partial(report)` after each seed round from the second on but the last, with the report
+    of the seeds done so far (`complete` false), so a long run cut short still leaves a report.
+    `plans` must hold DEFAULT (the bundle's settings), as `parse_plans` returns."""
     if DEFAULT not in plans:
         raise InputError(f"plans must include {DEFAULT!r}, the bundle's own settings")
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
@@ -176,28 +179,34 @@ def measure_tradeoff(pipe, network, plans: Mapping[str, SamplingSettings], per_c
     labels = evaluation_labels(per_class).tolist()
     _warm_up(pipe, labels)
     machine = {**cpu_info(), **_cpu_family()}
-    score, context = None, {}
+    score, context = None, {"bundle": str(pipe.manifest.root), "per_class": per_class,
+                            "images_per_seed": len(labels), "seeds_planned": list(seeds)}
     per_seed = {name: {} for name in plans}
-    for seed in seeds:
+    for done, seed in enumerate(seeds, 1):
         for name, settings in plans.items():
             images, seconds = _generate(pipe, labels, seed, settings, progress)
             if score is None:        # the first set: the whole demo evaluation, with its ceiling and floor
                 report = evaluate_demo(pipe, network, per_class, seed, reference_per_class, generated=images,
                                        **settings.to_dict())
-                context = {key: report[key] for key in ("features", "pixel_features", "reference_images",
-                                                        "reconstructed", "real")}
+                context.update({key: report[key] for key in ("features", "pixel_features", "reference_images",
+                                                             "reconstructed", "real")})
                 generated, score = report["generated"], demo_scorer(network, per_class, reference_per_class)
             else:
                 generated = score(images)
             per_seed[name][str(seed)] = {"seconds_per_image": seconds / len(labels), **_flatten(generated)}
-    machine["load_average_end"] = cpu_info()["load_average"]
-    entries = _entries(plans, per_seed, STEP_UNGUIDED.name in pipe.manifest.components)
+        if on_partial and 2 <= done < len(seeds):
+            on_partial(_report(pipe, plans, per_seed, list(seeds[:done]), machine, context))
+    return _report(pipe, plans, per_seed, list(seeds), machine, context)
+
+
+def _report(pipe, plans, per_seed: dict, seeds: list[int], machine: dict, context: dict) -> dict:
+    has_unguided = STEP_UNGUIDED.name in pipe.manifest.components
+    entries = _entries(plans, per_seed, has_unguided)
     marked = cheapest_within(entries)
-    return {"bundle": str(pipe.manifest.root), "per_class": per_class, "images_per_seed": len(labels),
-            "seeds": list(seeds), "has_unguided_step": STEP_UNGUIDED.name in pipe.manifest.components,
-            "machine": machine, "within_rule": WITHIN_RULE, "marked": marked,
-            "marked_passes_saved_vs_default": entries[marked]["passes_saved_vs_default"],
-            "plans": entries, **context}
+    return {**context, "seeds": seeds, "complete": seeds == context["seeds_planned"],
+            "has_unguided_step": has_unguided, "machine": {**machine, "load_average_end": cpu_info()["load_average"]},
+            "within_rule": WITHIN_RULE, "marked": marked,
+            "marked_passes_saved_vs_default": entries[marked]["passes_saved_vs_default"], "plans": entries}
 
 
 def demo_scorer(network, per_class: int, reference_per_class: int) -> Callable[[np.ndarray], dict]:
@@ -213,7 +222,7 @@ def _entries(plans: Mapping[str, SamplingSettings], per_seed: dict, has_unguided
     """Each plan's settings, passes per image, and seconds and metrics summarized over seeds."""
     entries = {}
     for name, settings in plans.items():
-        seeds_of = per_seed[name].values()
+        seeds_of = list(per_seed[name].values())
         entries[name] = {
             "overrides": {k: v for k, v in settings.to_dict().items() if v != plans[DEFAULT].to_dict()[k]},
             "sampling": settings.to_dict(),
