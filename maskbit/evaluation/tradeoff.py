@@ -8,7 +8,8 @@ the bundle generates `per_class` images of each demo class with the runtime, and
   unguided graph, 1 pass (2 when the bundle has no unguided graph);
 - wall time of the generation on this machine (CPU model, instruction sets and load average recorded);
 - quality by the demo evaluation (`evaluate_demo`: demo-FID, KID, precision/recall and class accuracy in the
-  demo network's features, and FID, KID, precision/recall in 16x16 thumbnails);
+  demo network's features, and FID, KID, precision/recall in 16x16 thumbnails; later sets are scored by its
+  `_score` against the same references, without its plan-independent reconstructed and real sets);
 then each metric's mean, std, min and max over seeds, and which plans lie within the default's spread (WITHIN_RULE).
 """
 
@@ -193,7 +194,9 @@ def measure_tradeoff(pipe, network, plans: Mapping[str, SamplingSettings], per_c
                 generated, score = report["generated"], demo_scorer(network, per_class, reference_per_class)
             else:
                 generated = score(images)
-            per_seed[name][str(seed)] = {"seconds_per_image": seconds / len(labels), **_flatten(generated)}
+            per_seed[name][str(seed)] = {"seconds_per_image": seconds / len(labels),
+                                         "load_average_1min": (cpu_info()["load_average"] or [None])[0],
+                                         **_flatten(generated)}
         if on_partial and 2 <= done < len(seeds):
             on_partial(_report(pipe, plans, per_seed, list(seeds[:done]), machine, context))
     return _report(pipe, plans, per_seed, list(seeds), machine, context)
