@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))     # harness.py, official_loop.py
 
-SIZES = {"tiny": "tiny_lfq10", "full": "maskbit_generator_14bit"}
+SIZES = {"tiny": "tiny_lfq10", "demo": "demo64", "full": "maskbit_generator_14bit"}   # demo: the demo's shapes
 PRECISIONS = ("fp32", "int8")
 
 

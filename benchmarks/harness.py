@@ -171,7 +171,8 @@ def gemm_cases(cfg, rows: int, threads: int) -> tuple[dict[str, Callable[[], obj
     flops = float(sum(2 * rows * k * n for k, n in shapes))
     session, feeds = _ort_gemms(weights, acts, threads)
     session_int8, _ = _ort_gemms(weights, acts, threads, int8=True)
-    b_acts, b_weights = [a.bfloat16() for a in t_acts], [w.bfloat16() for w in t_weights]
+    # bf16 as autocast runs a layer: F.linear on [out, in] weights (oneDNN's bf16 kernels want that layout)
+    b_acts, b_weights = [a.bfloat16() for a in t_acts], [w.t().contiguous().bfloat16() for w in t_weights]
 
     def torch_gemm():
         for a, w in zip(t_acts, t_weights):
@@ -182,7 +183,7 @@ def gemm_cases(cfg, rows: int, threads: int) -> tuple[dict[str, Callable[[], obj
             a @ w
     def torch_bf16_gemm():
         for a, w in zip(b_acts, b_weights):
-            torch.mm(a, w)
+            torch.nn.functional.linear(a, w)
     return {"gemm_torch": torch_gemm, "gemm_numpy": numpy_gemm, "gemm_ort": lambda: session.run(None, feeds),
             "gemm_ort_int8": lambda: session_int8.run(None, feeds), "gemm_torch_bf16": torch_bf16_gemm}, flops
 

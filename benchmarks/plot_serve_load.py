@@ -31,6 +31,9 @@ def plot(reports: list[tuple[Path, dict]], out: Path) -> None:
         for col, name in enumerate(workloads):
             ax = axes[row][col]
             runs = [r for r in report["runs"] if r["workload"] == name and r["mode"] == "open" and r["p99"]]
+            if not runs:                        # this report did not run the workload
+                ax.set_visible(False)
+                continue
             for policy in STYLE:
                 points = sorted((r["rate"], r["p50"], r["p99"]) for r in runs if r["policy"] == policy)
                 if not points:
