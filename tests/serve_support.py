@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,3 +45,23 @@ class ThreadServer:
         self.thread.join(timeout=30)
         for pipe in self.pipes.values() or [self.pipe]:
             pipe.close()
+
+
+@contextlib.contextmanager
+def serve_process(*options: str, timeout: float = 60.0):
+    """`maskbit-run serve --port 0 *options` in a subprocess; yields (process, url) once it listens on 127.0.0.1;
+    killed at the end if it is still running."""
+    process = subprocess.Popen([sys.executable, "-c", "from maskbit_runtime.cli import main; main()", "serve",
+                                "--port", "0", *options], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not any("running on" in line for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
+            time.sleep(0.05)
+        yield process, re.search(r"running on (http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -14,15 +14,9 @@ from maskbit_export import ExportOptions, build_bundle
 from maskbit_runtime import BundleError, InputError, Pipeline
 from maskbit_runtime.manifest import MANIFEST
 
+from bundle_support import sharpened_models
+
 GENERATOR_PRESETS = ["tiny_lfq10", "tiny_lfq6_g1", "tiny_lfq9_g3", "tiny_lfq8_prenorm"]
-
-
-def _models(preset, seed=0):
-    torch.manual_seed(seed)
-    tok, gen = maskbit.build_tokenizer(preset), maskbit.build_generator(preset)
-    with torch.no_grad():        # untrained weights give near-uniform logits; sharpen them a little
-        gen.prediction_layer.weight.mul_(20.0)
-    return tok, gen
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
     built = {}
     for preset in GENERATOR_PRESETS:
-        tok, gen = _models(preset)
+        tok, gen = sharpened_models(preset)
         build_bundle(root / preset, tok, gen, options=ExportOptions(max_batch=2, verify=preset == "tiny_lfq10"))
         built[preset] = (root / preset, tok, gen)
     return built
@@ -175,7 +169,7 @@ def test_an_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monke
         return real(module, spec, *args, **kwargs)
 
     monkeypatch.setattr(bundle_module, "export_onnx", failing)
-    tok, gen = _models("tiny_lfq6_g1")
+    tok, gen = sharpened_models("tiny_lfq6_g1")
     with pytest.raises(KeyboardInterrupt):
         build_bundle(tmp_path / "b", tok, gen, options=ExportOptions(verify=False))
     assert list(tmp_path.iterdir()) == []          # neither the bundle nor its temporary directory
@@ -212,7 +206,7 @@ def test_bitflip_flips_exactly_one_bit_of_every_token(bundles):
 
 
 def test_class_names_must_match_the_generator(tmp_path):
-    tok, gen = _models("tiny_lfq6_g1")
+    tok, gen = sharpened_models("tiny_lfq6_g1")
     with pytest.raises(ValueError, match="2 class names for 1000 classes"):
         build_bundle(tmp_path / "b", tok, gen, class_names=["a", "b"])
 

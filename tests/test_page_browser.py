@@ -16,9 +16,6 @@ import io
 import os
 import re
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,7 +30,7 @@ pytest.importorskip("prometheus_client")
 from PIL import Image  # noqa: E402
 
 from bundle_support import edit  # noqa: E402
-from serve_support import DEMO, ThreadServer  # noqa: E402
+from serve_support import DEMO, ThreadServer, serve_process  # noqa: E402
 
 CHROMIUM = Path(os.environ.get("MASKBIT_CHROMIUM", "/usr/bin/chromium"))     # Debian's (apt-get install chromium)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -223,18 +220,7 @@ def test_side_by_side_fills_both_panes_with_each_gate(browser, tmp_path):
     copy = Path(shutil.copytree(DEMO, tmp_path / "copy"))
     gate = {"passed": True, "tv_mean": 0.0123, "tv_worst_step": 0.0456, "gate": {"tv_mean": 0.05, "tv_worst_step": 0.1}}
     edit(copy, lambda manifest: manifest["verification"].update(distribution=gate))
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from maskbit_runtime.cli import main; main()", "serve", "--port", "0",
-         "--max-batch", "4", "--bundle", f"fp32={DEMO}", "--bundle", f"gated={copy}"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 60
-        while not any("running on" in line for line in lines):
-            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
-            time.sleep(0.05)
-        url = re.search(r"running on (http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
+    with serve_process("--max-batch", "4", "--bundle", f"fp32={DEMO}", "--bundle", f"gated={copy}") as (_, url):
         context = browser.new_context(viewport={"width": 1000, "height": 800})
         page = context.new_page()
         page.goto(f"{url}/")
@@ -257,6 +243,3 @@ def test_side_by_side_fills_both_panes_with_each_gate(browser, tmp_path):
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert re.search(r'^maskbit_images_total\{model="gated",outcome="done"\} 2\.0$', metrics, re.M), metrics
         context.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

@@ -23,7 +23,7 @@ from maskbit_runtime.scheduler import ImageJob, Scheduler
 from maskbit_runtime.specs import STEP, STEP_UNGUIDED
 from maskbit_runtime.unmask_order import halton_ranks, order_noise_scale, order_uniforms
 
-from bundle_support import edit
+from bundle_support import edit, sharpened_models
 
 PRESETS = ["tiny_lfq10", "tiny_lfq9_g3"]          # two and three groups per token
 INTERVAL = dict(num_steps=8, guidance_scale=3.0, guidance_start=0.25, guidance_stop=0.75)
@@ -35,19 +35,11 @@ PLANS = {
 }
 
 
-def _models(preset):
-    torch.manual_seed(0)
-    tok, gen = maskbit.build_tokenizer(preset), maskbit.build_generator(preset)
-    with torch.no_grad():        # untrained weights give near-uniform logits; sharpen them a little
-        gen.prediction_layer.weight.mul_(20.0)
-    return tok, gen
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     root, built = tmp_path_factory.mktemp("plans"), {}
     for preset in PRESETS:
-        tok, gen = _models(preset)
+        tok, gen = sharpened_models(preset)
         build_bundle(root / preset, tok, gen, options=ExportOptions(max_batch=4, verify=False))
         built[preset] = (root / preset, tok, gen)
     return built

@@ -11,9 +11,6 @@ import io
 import json
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
@@ -29,7 +26,7 @@ from PIL import Image  # noqa: E402
 from maskbit_runtime import Pipeline  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
-from serve_support import ThreadServer  # noqa: E402
+from serve_support import ThreadServer, serve_process  # noqa: E402
 
 DEMO = ROOT / "runtime" / "demo" / "bundle"
 SAMPLING = ("num_steps", "guidance_scale", "guidance_annealing", "randomize_temperature", "mask_schedule")
@@ -253,18 +250,7 @@ def test_a_backend_failure_fails_only_its_request(server, offline):
 
 
 def test_sigterm_drains_then_exits(offline):
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from maskbit_runtime.cli import main; main()", "serve", "--port", "0",
-         "--max-batch", "4", "--grace", "30"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not any("running on" in line for line in lines):
-            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
-            time.sleep(0.05)
-        url = re.search(r"running on (http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
+    with serve_process("--max-batch", "4", "--grace", "30") as (process, url):
         body = {"labels": ["rocket"], "seed": 11, "num_steps": 24, "stream": True}
         with httpx.stream("POST", f"{url}/v1/generate", json=body, timeout=60) as response:
             events = _events(response.iter_lines())
@@ -280,7 +266,3 @@ def test_sigterm_drains_then_exits(offline):
         assert rest[-1][0] == "result"
         np.testing.assert_array_equal(_png(rest[-1][1]["images"][0]["png"]), _expected(offline, body).images[0])
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
