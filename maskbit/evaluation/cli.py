@@ -211,7 +211,7 @@ def tradeoff(bundle, plans_file, per_class, seeds, reference_per_class, out, plo
     from .tradeoff import DEFAULT, measure_tradeoff, parse_plans, plot_front, read_plans
     seed_list = _seeds(seeds)
     if plot:
-        require("matplotlib", "dev", "--plot")      # before the measurement, not after it
+        require("matplotlib", "eval", "--plot")      # before the measurement, not after it
     network = load_demo_features()
     with _demo_pipe(bundle) as pipe:
         plans = read_plans(plans_file, pipe.sampling) if plans_file else parse_plans({DEFAULT: {}}, pipe.sampling)

@@ -251,7 +251,7 @@ def plot_front(report: dict, out: str | Path) -> Path:
     plan highlighted. Written atomically as PNG."""
     from maskbit_runtime.errors import require
     from maskbit_runtime.files import atomic_output
-    matplotlib = require("matplotlib", "dev", "the tradeoff plot")
+    matplotlib = require("matplotlib", "eval", "the tradeoff plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     plans, marked = report["plans"], report["marked"]
